@@ -1,1 +1,30 @@
-pub fn x() {}
+//! record-offload: moves finished recordings from a recording host to S3-compatible object
+//! storage (Alibaba Cloud OSS) and keeps the old playback URLs working.
+//!
+//! # Layout
+//!
+//! - [`config`]: defaults → TOML → `RECORD_OFFLOAD_*` environment, validated into [`config::Settings`].
+//! - [`watch`]: inotify and scans; decides when a file is finished (settled).
+//! - [`journal`]: the SQLite journal, single source of truth; the state machine of every file.
+//! - [`upload`]: scheduling, PutObject / multipart upload with resume, verify, delete.
+//! - [`store`]: the aws-sdk-s3 client set up for OSS, and the retryable/permanent decision.
+//! - [`prune`]: removes directories that deletions emptied, once they stayed idle.
+//! - [`fsutil`]: file-system access confined to the watch root (no symlinks, no `..`).
+//! - [`keys`]: object keys from `storage.key_template`.
+//! - [`daemon`]: wires the stages together, recovery at start, graceful shutdown.
+//! - [`cli`]: the `record-offload` command line.
+//! - `devserver` (feature `dev-server`): a local S3-compatible server for the demo, tests and
+//!   benchmarks.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+#[cfg(feature = "dev-server")]
+pub mod devserver;
+pub mod fsutil;
+pub mod journal;
+pub mod keys;
+pub mod prune;
+pub mod store;
+pub mod upload;
+pub mod watch;

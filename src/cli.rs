@@ -1,0 +1,441 @@
+//! The command line (see `record-offload --help`). Every command prints one clear line on
+//! stderr when it fails, never a panic or a backtrace.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Settings, Source};
+use crate::journal::{self, FileRow, State};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "record-offload",
+    version,
+    about = "Moves finished recordings from a recording host to S3-compatible object storage (Alibaba Cloud OSS) and keeps legacy playback URLs working.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Config file (TOML). Environment variables RECORD_OFFLOAD_SECTION__KEY override it.
+    #[arg(long, global = true, env = "RECORD_OFFLOAD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground until SIGTERM or SIGINT, then drain and exit 0.
+    Run,
+    /// Validate the config and print the effective settings (secrets redacted).
+    CheckConfig,
+    /// Counts per state, bytes waiting, age of the oldest waiting file, last errors.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List journal rows.
+    Ls {
+        /// Only rows in this state (settling, queued, uploading, uploaded, deleted, failed, vanished).
+        #[arg(long)]
+        state: Option<String>,
+        /// Machine-readable output (one JSON array).
+        #[arg(long)]
+        json: bool,
+        /// At most this many rows.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Re-queue failed files: one by its id, or all with --failed.
+    Retry {
+        /// The row id (see `ls`).
+        id: Option<i64>,
+        /// Every failed row.
+        #[arg(long, conflicts_with = "id")]
+        failed: bool,
+    },
+    /// Try the daemon on this machine: a local S3-compatible server, a watch directory and a
+    /// journal in a scratch folder.
+    #[cfg(feature = "dev-server")]
+    Demo {
+        /// Scratch folder (created).
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+        /// Settle time in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        settle_secs: f64,
+    },
+    /// Run only the local S3-compatible server (for benchmarks and manual tests).
+    #[cfg(feature = "dev-server")]
+    #[command(hide = true)]
+    DevS3 {
+        /// Folder that holds the buckets.
+        #[arg(long)]
+        data: PathBuf,
+        /// Address to listen on (loopback).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// Bucket to create.
+        #[arg(long, default_value = "recordings")]
+        bucket: String,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let source = Source {
+        file: cli.config.clone(),
+        no_env: false,
+    };
+    match cli.command {
+        Command::Run => run(&source),
+        Command::CheckConfig => match config::load(&source) {
+            Ok(s) => {
+                print!("{}", config::redacted_toml(&s));
+                eprintln!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string(), 1),
+        },
+        Command::Status { json } => with_journal(&source, |s, conn| status(s, conn, json)),
+        Command::Ls { state, json, limit } => {
+            let state = match state.as_deref().map(|s| (s, State::parse(s))) {
+                None => None,
+                Some((_, Some(st))) => Some(st),
+                Some((s, None)) => {
+                    return fail(
+                        &format!(
+                            "unknown state {s:?}; one of: {}",
+                            State::ALL.map(|s| s.as_str()).join(", ")
+                        ),
+                        2,
+                    );
+                }
+            };
+            with_journal(&source, |_, conn| ls(conn, state, json, limit))
+        }
+        Command::Retry { id, failed } => {
+            if id.is_none() && !failed {
+                return fail("retry needs a row id or --failed", 2);
+            }
+            match config::load(&source) {
+                Err(e) => fail(&e.to_string(), 2),
+                Ok(s) => match journal::open_rw(&s.config.journal.path)
+                    .and_then(|c| journal::requeue_failed(&c, id))
+                {
+                    Ok(0) if id.is_some() => fail("no failed row with that id", 1),
+                    Ok(n) => {
+                        println!("re-queued {n} file(s)");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e.to_string(), 2),
+                },
+            }
+        }
+        #[cfg(feature = "dev-server")]
+        Command::Demo { dir, settle_secs } => demo(&dir, settle_secs),
+        #[cfg(feature = "dev-server")]
+        Command::DevS3 {
+            data,
+            listen,
+            bucket,
+        } => dev_s3(&data, listen, &bucket),
+    }
+}
+
+fn fail(msg: &str, code: u8) -> ExitCode {
+    eprintln!("record-offload: {msg}");
+    ExitCode::from(code)
+}
+
+fn with_journal(
+    source: &Source,
+    f: impl FnOnce(&Settings, &rusqlite::Connection) -> Result<(), journal::JournalError>,
+) -> ExitCode {
+    let settings = match config::load(source) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    let conn = match journal::open_ro(&settings.config.journal.path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    match f(&settings, &conn) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), 2),
+    }
+}
+
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("record-offload")
+        .build()
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn run(source: &Source) -> ExitCode {
+    let settings = match config::load(source) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 1),
+    };
+    init_logging(&settings.config.log.level);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
+    };
+    match rt.block_on(crate::daemon::run(settings, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), 1),
+    }
+}
+
+/// Human size: 1.3 GiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Human age: 45s, 4m, 3h12m, 2d4h.
+pub fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn status(
+    _settings: &Settings,
+    conn: &rusqlite::Connection,
+    json: bool,
+) -> Result<(), journal::JournalError> {
+    let s = journal::summary(conn)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s).map_err(|e| journal::JournalError::Invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("{:<10} {:>8} {:>12}", "STATE", "FILES", "BYTES");
+    for st in State::ALL {
+        let n = s.counts.get(st.as_str()).copied().unwrap_or(0);
+        let b = s.bytes.get(st.as_str()).copied().unwrap_or(0);
+        println!("{:<10} {:>8} {:>12}", st.as_str(), n, human_bytes(b));
+    }
+    println!();
+    println!("waiting: {}", human_bytes(s.bytes_waiting));
+    println!("oldest waiting: {}", human_age(s.oldest_waiting_secs));
+    if !s.last_errors.is_empty() {
+        println!("last errors:");
+        for e in &s.last_errors {
+            println!("  #{} {} ({}): {}", e.id, e.path, e.state, e.error);
+        }
+    }
+    Ok(())
+}
+
+fn ls(
+    conn: &rusqlite::Connection,
+    state: Option<State>,
+    json: bool,
+    limit: Option<usize>,
+) -> Result<(), journal::JournalError> {
+    let rows: Vec<FileRow> = journal::list(conn, state, limit)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| journal::JournalError::Invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("{:>6} {:<10} {:>10}  {}", "ID", "STATE", "SIZE", "PATH");
+    for r in rows {
+        println!(
+            "{:>6} {:<10} {:>10}  {}{}",
+            r.id,
+            r.state.as_str(),
+            human_bytes(r.size),
+            r.path.display(),
+            r.last_error
+                .as_deref()
+                .filter(|_| r.state.is_waiting())
+                .map(|e| format!("  [{e}]"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "dev-server")]
+fn dev_s3(data: &std::path::Path, listen: std::net::SocketAddr, bucket: &str) -> ExitCode {
+    init_logging("info");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
+    };
+    rt.block_on(async {
+        let server = match crate::devserver::DevServer::start(data, listen).await {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("cannot start the server: {e}"), 1),
+        };
+        if let Err(e) = server.create_bucket(bucket) {
+            return fail(&format!("cannot create the bucket: {e}"), 1);
+        }
+        println!(
+            "S3-compatible server on {} (bucket {bucket}, access key {}, secret {})",
+            server.endpoint(),
+            crate::devserver::ACCESS_KEY,
+            crate::devserver::SECRET_KEY
+        );
+        shutdown_signal().await;
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(feature = "dev-server")]
+fn demo(dir: &std::path::Path, settle_secs: f64) -> ExitCode {
+    use crate::devserver::{ACCESS_KEY, DevServer, SECRET_KEY};
+    init_logging("info");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
+    };
+    let dir = match std::path::absolute(dir) {
+        Ok(d) => d,
+        Err(e) => return fail(&format!("bad --dir: {e}"), 2),
+    };
+    let record = dir.join("record");
+    let store_dir = dir.join("store");
+    if let Err(e) = std::fs::create_dir_all(&record) {
+        return fail(&format!("cannot create {}: {e}", record.display()), 1);
+    }
+    rt.block_on(async {
+        let server = match DevServer::start(&store_dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("cannot start the local S3 server: {e}"), 1),
+        };
+        if let Err(e) = server.create_bucket("recordings") {
+            return fail(&format!("cannot create the bucket: {e}"), 1);
+        }
+        let toml = format!(
+            r#"
+[node]
+name = "demo"
+[watch]
+root = {root:?}
+settle_secs = {settle_secs}
+rescan_interval_secs = 30
+prune_after_secs = 10
+[journal]
+path = {journal:?}
+[storage]
+endpoint = "{endpoint}"
+region = "us-east-1"
+bucket = "recordings"
+access_key_id = "{ACCESS_KEY}"
+access_key_secret = "{SECRET_KEY}"
+path_style = true
+[upload]
+retry_max_secs = 10
+"#,
+            root = record.display().to_string(),
+            journal = dir.join("journal.db").display().to_string(),
+            endpoint = server.endpoint(),
+        );
+        let config_path = dir.join("config.toml");
+        if let Err(e) = std::fs::write(&config_path, toml) {
+            return fail(&format!("cannot write {}: {e}", config_path.display()), 1);
+        }
+        let settings = match config::load(&Source { file: Some(config_path.clone()), no_env: true }) {
+            Ok(s) => s,
+            Err(e) => return fail(&e.to_string(), 1),
+        };
+        println!("record-offload demo");
+        println!("  watching  {}", record.display());
+        println!("  bucket    {} (objects land in {}/recordings/demo/)", server.endpoint(), store_dir.display());
+        println!("  journal   {}", dir.join("journal.db").display());
+        println!("  config    {}", config_path.display());
+        println!();
+        println!("Copy a file in, e.g.  cp /etc/os-release {}/", record.display());
+        println!("After {settle_secs} s of quiet it is uploaded, checked and deleted; see it with");
+        println!("  ls {}/recordings/demo/", store_dir.display());
+        println!("  record-offload --config {} status      (from another terminal)", config_path.display());
+        println!("Ctrl-C stops.");
+        println!();
+        match crate::daemon::run(settings, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e.to_string(), 1),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1_395_864_371), "1.3 GiB");
+        assert_eq!(human_age(5), "5s");
+        assert_eq!(human_age(240), "4m");
+        assert_eq!(human_age(3 * 3600 + 12 * 60), "3h12m");
+        assert_eq!(human_age(2 * 86400 + 4 * 3600), "2d4h");
+    }
+}

@@ -1,0 +1,874 @@
+//! Configuration: built-in defaults, then the TOML file, then `RECORD_OFFLOAD_*` environment
+//! variables (`__` between levels), merged with figment and then validated.
+//!
+//! Loading never panics. Every problem is reported as one [`ConfigError`] that names the key
+//! (`watch.include[1]`, `storage.bucket`, ...) and says what is wrong with it, so
+//! `check-config` and `run` can print one clear line and exit non-zero.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Default location of the config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/record-offload/config.toml";
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "RECORD_OFFLOAD_";
+/// Smallest and largest part sizes accepted: S3 refuses parts under 5 MiB (except the last)
+/// and over 5 GiB; OSS accepts a wider range, so the S3 limits are the ones that hold everywhere.
+pub const MIN_PART_MIB: u64 = 5;
+pub const MAX_PART_MIB: u64 = 5 * 1024;
+/// Presigned SigV4 URLs cannot live longer than 7 days.
+pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
+
+/// One configuration problem: the key it concerns and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "config: {}", self.message)
+        } else {
+            write!(f, "config: {}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub watch: WatchConfig,
+    pub journal: JournalConfig,
+    pub storage: StorageConfig,
+    pub upload: UploadConfig,
+    pub lookup: LookupConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Used in object keys (`{node}`); defaults to the host name.
+    pub name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        // A host name is normally `a-z0-9-.`; keep only its first label.
+        let name = host.split('.').next().unwrap_or_default().to_string();
+        NodeConfig {
+            name: if name.is_empty() {
+                "node".to_string()
+            } else {
+                name
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    pub root: PathBuf,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Seconds a file must stay closed and unchanged before it is uploaded (fractions allowed).
+    pub settle_secs: f64,
+    pub rescan_interval_secs: f64,
+    pub prune_after_secs: f64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            root: PathBuf::from("/record"),
+            include: vec!["**/*".to_string()],
+            exclude: vec![
+                "**/.*".to_string(),
+                "**/*.tmp".to_string(),
+                "**/*.part".to_string(),
+            ],
+            settle_secs: 10.0,
+            rescan_interval_secs: 300.0,
+            prune_after_secs: 3600.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub path: PathBuf,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            path: PathBuf::from("/var/lib/record-offload/journal.db"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub access_key_secret: String,
+    pub access_key_secret_file: Option<PathBuf>,
+    pub path_style: bool,
+    pub key_template: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            endpoint: "https://s3.oss-cn-hangzhou.aliyuncs.com".to_string(),
+            region: "cn-hangzhou".to_string(),
+            bucket: String::new(),
+            access_key_id: String::new(),
+            access_key_secret: String::new(),
+            access_key_secret_file: None,
+            path_style: false,
+            key_template: "{node}/{path}".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    pub part_size_mib: u64,
+    /// Requests that carry data (parts, small objects) in flight at once, across all files.
+    pub concurrency: usize,
+    pub delete_after_upload: bool,
+    /// First retry delay after a transient error; doubles per attempt, with jitter.
+    pub retry_initial_secs: f64,
+    /// Cap of the retry delay.
+    pub retry_max_secs: f64,
+    /// Rows in `failed` (permanent errors) are tried again this long after they failed, so a
+    /// fixed credential or a created bucket does not need an operator; `retry` does it at once.
+    pub failed_retry_secs: f64,
+    /// Timeout of requests without a body (HEAD, create, complete, list) and of the wait for an
+    /// answer after a body was sent.
+    pub request_timeout_secs: f64,
+    /// A body upload is cut if it moves slower than this (bytes/s) for `request_timeout_secs`.
+    pub min_bytes_per_sec: u64,
+    /// How long a shutdown waits for requests in flight before abandoning them (they resume).
+    pub drain_secs: f64,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            part_size_mib: 16,
+            concurrency: 4,
+            delete_after_upload: true,
+            retry_initial_secs: 1.0,
+            retry_max_secs: 300.0,
+            failed_retry_secs: 3600.0,
+            request_timeout_secs: 60.0,
+            min_bytes_per_sec: 16 * 1024,
+            drain_secs: 20.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PresignStyle {
+    S3v4,
+    OssV4,
+    OssV1,
+    CdnA,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupConfig {
+    pub listen: Vec<String>,
+    pub legacy_prefix: String,
+    pub presign_expiry_secs: u64,
+    pub presign_style: PresignStyle,
+    pub public_url: Option<String>,
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        LookupConfig {
+            listen: vec!["127.0.0.1:8090".to_string()],
+            legacy_prefix: "/record".to_string(),
+            presign_expiry_secs: 3600,
+            presign_style: PresignStyle::S3v4,
+            public_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `record_offload=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// A listen address of the look-up server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// The validated configuration plus what validation derived from it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    /// The secret, read from `access_key_secret`, `access_key_secret_file` or the systemd
+    /// credential `access_key_secret`.
+    pub secret: String,
+    pub include: GlobSet,
+    pub exclude: GlobSet,
+    pub listen: Vec<ListenAddr>,
+}
+
+impl Settings {
+    pub fn settle(&self) -> Duration {
+        Duration::from_secs_f64(self.config.watch.settle_secs)
+    }
+    pub fn rescan_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.config.watch.rescan_interval_secs)
+    }
+    pub fn prune_after(&self) -> Duration {
+        Duration::from_secs_f64(self.config.watch.prune_after_secs)
+    }
+    pub fn part_size(&self) -> u64 {
+        self.config.upload.part_size_mib * 1024 * 1024
+    }
+}
+
+/// Where configuration comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// The TOML file; `None` means [`DEFAULT_CONFIG_PATH`] if it exists.
+    pub file: Option<PathBuf>,
+    /// Read `RECORD_OFFLOAD_*` variables (tests turn this off to stay independent of the
+    /// environment they run in).
+    pub no_env: bool,
+}
+
+/// Loads and validates the configuration.
+pub fn load(source: &Source) -> Result<Settings, ConfigError> {
+    let config = load_unvalidated(source)?;
+    validate(config)
+}
+
+/// Merges defaults, file and environment, checking types and unknown keys only.
+pub fn load_unvalidated(source: &Source) -> Result<Config, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    match &source.file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "",
+                    format!("cannot read config file {}: not a file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        None => {
+            let path = Path::new(DEFAULT_CONFIG_PATH);
+            if path.exists() {
+                figment = figment.merge(Toml::file_exact(path));
+            }
+        }
+    }
+    if !source.no_env {
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                // The config file's own location is passed this way; it is not a config key.
+                .ignore(&["config"]),
+        );
+    }
+    figment.extract::<Config>().map_err(from_figment)
+}
+
+/// Builds a config from a TOML string, for tests and the demo (no file, no environment).
+pub fn from_toml_str(toml: &str) -> Result<Settings, ConfigError> {
+    let config = Figment::from(Serialized::defaults(Config::default()))
+        .merge(Toml::string(toml))
+        .extract::<Config>()
+        .map_err(from_figment)?;
+    validate(config)
+}
+
+fn from_figment(err: figment::Error) -> ConfigError {
+    // figment may chain several errors; the first is the one to fix first.
+    let err = err.into_iter().next();
+    let Some(err) = err else {
+        return ConfigError::new("", "invalid configuration");
+    };
+    let key = err
+        .path
+        .iter()
+        .filter(|p| p.as_str() != "default")
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(".");
+    let origin = err
+        .metadata
+        .as_ref()
+        .map(|m| {
+            let mut s = m.name.to_string();
+            if let Some(src) = &m.source {
+                s = format!("{s} {src}");
+            }
+            s
+        })
+        .unwrap_or_default();
+    let mut message = match &err.kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            let key_full = if key.is_empty() {
+                field.to_string()
+            } else if key == *field || key.ends_with(&format!(".{field}")) {
+                key.clone()
+            } else {
+                format!("{key}.{field}")
+            };
+            return ConfigError::new(
+                key_full,
+                format!(
+                    "unknown key{}; expected one of: {}",
+                    if origin.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (in {origin})")
+                    },
+                    expected.join(", ")
+                ),
+            );
+        }
+        other => other.to_string(),
+    };
+    if !origin.is_empty() {
+        message = format!("{message} (in {origin})");
+    }
+    ConfigError::new(key, message)
+}
+
+fn glob_set(key: &str, patterns: &[String]) -> Result<GlobSet, ConfigError> {
+    let mut builder = GlobSetBuilder::new();
+    for (i, pattern) in patterns.iter().enumerate() {
+        let glob = compile_glob(pattern).map_err(|e| {
+            ConfigError::new(format!("{key}[{i}]"), format!("bad glob {pattern:?}: {e}"))
+        })?;
+        builder.add(glob);
+    }
+    builder
+        .build()
+        .map_err(|e| ConfigError::new(key, format!("bad glob set: {e}")))
+}
+
+fn compile_glob(pattern: &str) -> Result<Glob, globset::Error> {
+    GlobBuilder::new(pattern)
+        // `*` stays inside one path component; `**` crosses them.
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+}
+
+fn check_secs(key: &str, v: f64, min: f64, max: f64) -> Result<(), ConfigError> {
+    if !v.is_finite() || v < min || v > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be between {min} and {max} seconds, got {v}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a `lookup.listen` entry.
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!("unix socket path must be absolute: {s:?}"));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>()
+        .map(ListenAddr::Tcp)
+        .map_err(|_| format!("expected HOST:PORT (e.g. 127.0.0.1:8090) or unix:/path, got {s:?}"))
+}
+
+/// Checks every value and derives [`Settings`].
+pub fn validate(config: Config) -> Result<Settings, ConfigError> {
+    // node
+    let name = &config.node.name;
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(ConfigError::new(
+            "node.name",
+            format!("must be 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.', got {name:?}"),
+        ));
+    }
+
+    // watch
+    let root = &config.watch.root;
+    if !root.is_absolute() {
+        return Err(ConfigError::new(
+            "watch.root",
+            format!("must be an absolute path, got {}", root.display()),
+        ));
+    }
+    match std::fs::symlink_metadata(root) {
+        Err(e) => {
+            return Err(ConfigError::new(
+                "watch.root",
+                format!("cannot read {}: {e}", root.display()),
+            ));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(ConfigError::new(
+                "watch.root",
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(_) => {}
+    }
+    if let Err(e) = std::fs::read_dir(root) {
+        return Err(ConfigError::new(
+            "watch.root",
+            format!("cannot list {}: {e}", root.display()),
+        ));
+    }
+    if config.watch.include.is_empty() {
+        return Err(ConfigError::new(
+            "watch.include",
+            "must list at least one glob",
+        ));
+    }
+    let include = glob_set("watch.include", &config.watch.include)?;
+    let exclude = glob_set("watch.exclude", &config.watch.exclude)?;
+    check_secs("watch.settle_secs", config.watch.settle_secs, 0.0, 86400.0)?;
+    check_secs(
+        "watch.rescan_interval_secs",
+        config.watch.rescan_interval_secs,
+        0.1,
+        86400.0,
+    )?;
+    check_secs(
+        "watch.prune_after_secs",
+        config.watch.prune_after_secs,
+        0.0,
+        365.0 * 86400.0,
+    )?;
+
+    // journal
+    check_creatable("journal.path", &config.journal.path)?;
+
+    // storage
+    let st = &config.storage;
+    let endpoint = url::Url::parse(&st.endpoint).map_err(|e| {
+        ConfigError::new(
+            "storage.endpoint",
+            format!("not a URL ({e}): {:?}", st.endpoint),
+        )
+    })?;
+    if endpoint.scheme() != "http" && endpoint.scheme() != "https" {
+        return Err(ConfigError::new(
+            "storage.endpoint",
+            format!("must be http:// or https://, got {:?}", st.endpoint),
+        ));
+    }
+    if endpoint.host_str().is_none() {
+        return Err(ConfigError::new("storage.endpoint", "has no host"));
+    }
+    if st.region.trim().is_empty() {
+        return Err(ConfigError::new(
+            "storage.region",
+            "is required (e.g. cn-hangzhou)",
+        ));
+    }
+    if st.bucket.is_empty() {
+        return Err(ConfigError::new("storage.bucket", "is required"));
+    }
+    if st.bucket.len() < 3
+        || st.bucket.len() > 63
+        || !st
+            .bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return Err(ConfigError::new(
+            "storage.bucket",
+            format!(
+                "must be 3-63 characters of a-z, 0-9, '-', '.', got {:?}",
+                st.bucket
+            ),
+        ));
+    }
+    if st.access_key_id.is_empty() {
+        return Err(ConfigError::new("storage.access_key_id", "is required"));
+    }
+    let secret = read_secret(st)?;
+    crate::keys::KeyTemplate::parse(&st.key_template)
+        .map_err(|e| ConfigError::new("storage.key_template", e))?;
+
+    // upload
+    let up = &config.upload;
+    if up.part_size_mib < MIN_PART_MIB || up.part_size_mib > MAX_PART_MIB {
+        return Err(ConfigError::new(
+            "upload.part_size_mib",
+            format!(
+                "must be between {MIN_PART_MIB} and {MAX_PART_MIB} (5 MiB to 5 GiB), got {}",
+                up.part_size_mib
+            ),
+        ));
+    }
+    if up.concurrency == 0 || up.concurrency > 64 {
+        return Err(ConfigError::new(
+            "upload.concurrency",
+            format!("must be between 1 and 64, got {}", up.concurrency),
+        ));
+    }
+    check_secs(
+        "upload.retry_initial_secs",
+        up.retry_initial_secs,
+        0.01,
+        3600.0,
+    )?;
+    check_secs("upload.retry_max_secs", up.retry_max_secs, 0.01, 86400.0)?;
+    check_secs(
+        "upload.failed_retry_secs",
+        up.failed_retry_secs,
+        1.0,
+        30.0 * 86400.0,
+    )?;
+    check_secs(
+        "upload.request_timeout_secs",
+        up.request_timeout_secs,
+        0.1,
+        3600.0,
+    )?;
+    check_secs("upload.drain_secs", up.drain_secs, 0.0, 3600.0)?;
+
+    // lookup
+    let lk = &config.lookup;
+    let mut listen = Vec::new();
+    for (i, l) in lk.listen.iter().enumerate() {
+        listen.push(parse_listen(l).map_err(|e| ConfigError::new(format!("lookup.listen[{i}]"), e))?);
+    }
+    if !lk.legacy_prefix.is_empty() && !lk.legacy_prefix.starts_with('/') {
+        return Err(ConfigError::new(
+            "lookup.legacy_prefix",
+            format!("must start with '/', got {:?}", lk.legacy_prefix),
+        ));
+    }
+    if lk.presign_expiry_secs == 0 || lk.presign_expiry_secs > MAX_PRESIGN_SECS {
+        return Err(ConfigError::new(
+            "lookup.presign_expiry_secs",
+            format!(
+                "must be between 1 and {MAX_PRESIGN_SECS} (7 days), got {}",
+                lk.presign_expiry_secs
+            ),
+        ));
+    }
+    if let Some(u) = &lk.public_url {
+        let parsed = url::Url::parse(u)
+            .map_err(|e| ConfigError::new("lookup.public_url", format!("not a URL ({e}): {u:?}")))?;
+        if parsed.scheme() != "http" && parsed.scheme() != "https" {
+            return Err(ConfigError::new(
+                "lookup.public_url",
+                format!("must be http:// or https://, got {u:?}"),
+            ));
+        }
+    }
+
+    // log
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        return Err(ConfigError::new(
+            "log.level",
+            format!("bad filter {:?}: {e}", config.log.level),
+        ));
+    }
+
+    Ok(Settings {
+        config,
+        secret,
+        include,
+        exclude,
+        listen,
+    })
+}
+
+/// The journal's file must be creatable: its directory exists and is writable, or the nearest
+/// existing ancestor is a writable directory (the daemon creates the rest).
+fn check_creatable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() || path.file_name().is_none() {
+        return Err(ConfigError::new(key, "must name a file"));
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.is_dir() {
+            return Err(ConfigError::new(
+                key,
+                format!("{} is a directory", path.display()),
+            ));
+        }
+        return writable(path)
+            .map_err(|e| ConfigError::new(key, format!("cannot write {}: {e}", path.display())));
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => {
+                return writable(d).map_err(|e| {
+                    ConfigError::new(
+                        key,
+                        format!(
+                            "cannot create {}: directory {} is not writable ({e})",
+                            path.display(),
+                            d.display()
+                        ),
+                    )
+                });
+            }
+            Ok(_) => {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "cannot create {}: {} is not a directory",
+                        path.display(),
+                        d.display()
+                    ),
+                ));
+            }
+            Err(_) => dir = d.parent(),
+        }
+    }
+    Err(ConfigError::new(
+        key,
+        format!("cannot create {}", path.display()),
+    ))
+}
+
+fn writable(path: &Path) -> std::io::Result<()> {
+    rustix::fs::access(path, rustix::fs::Access::WRITE_OK).map_err(std::io::Error::from)
+}
+
+/// Name of the systemd credential (`LoadCredential=access_key_secret:...`).
+pub const CREDENTIAL_NAME: &str = "access_key_secret";
+
+fn read_secret(st: &StorageConfig) -> Result<String, ConfigError> {
+    if !st.access_key_secret.is_empty() {
+        if st.access_key_secret_file.is_some() {
+            return Err(ConfigError::new(
+                "storage.access_key_secret_file",
+                "set either access_key_secret or access_key_secret_file, not both",
+            ));
+        }
+        return Ok(st.access_key_secret.clone());
+    }
+    let (key, path) = match &st.access_key_secret_file {
+        Some(p) => ("storage.access_key_secret_file", p.clone()),
+        None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) if Path::new(&dir).join(CREDENTIAL_NAME).is_file() => (
+                "storage.access_key_secret",
+                Path::new(&dir).join(CREDENTIAL_NAME),
+            ),
+            _ => {
+                return Err(ConfigError::new(
+                    "storage.access_key_secret",
+                    "is required (or access_key_secret_file, or the systemd credential access_key_secret)",
+                ));
+            }
+        },
+    };
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o007 != 0 {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} is accessible by other users (mode {:o}); chmod o-rwx it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ),
+        ));
+    }
+    let _ = meta.uid();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(secret)
+}
+
+/// The effective configuration as TOML, with the secret replaced.
+pub fn redacted_toml(settings: &Settings) -> String {
+    let mut c = settings.config.clone();
+    if !c.storage.access_key_secret.is_empty() {
+        c.storage.access_key_secret = "<redacted>".to_string();
+    }
+    toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn base(root: &Path, journal: &Path) -> String {
+        format!(
+            "[watch]\nroot = {:?}\n[journal]\npath = {:?}\n[storage]\nbucket = \"rec\"\naccess_key_id = \"id\"\naccess_key_secret = \"s\"\n",
+            root.display().to_string(),
+            journal.display().to_string()
+        )
+    }
+
+    fn err_of(toml: &str) -> ConfigError {
+        from_toml_str(toml).err().expect("expected an error")
+    }
+
+    #[test]
+    fn accepts_minimal_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = from_toml_str(&base(dir.path(), &dir.path().join("j.db"))).unwrap();
+        assert_eq!(s.config.upload.part_size_mib, 16);
+        assert_eq!(s.secret, "s");
+        assert!(!redacted_toml(&s).contains("= \"s\""));
+        assert!(redacted_toml(&s).contains("<redacted>"));
+    }
+
+    /// A config with extra lines added to some tables.
+    fn with(root: &Path, journal: &Path, watch: &str, storage: &str, tail: &str) -> String {
+        format!(
+            "[watch]\nroot = {:?}\n{watch}\n[journal]\npath = {:?}\n[storage]\n{storage}\n{tail}\n",
+            root.display().to_string(),
+            journal.display().to_string()
+        )
+    }
+
+    #[test]
+    fn rejects_each_bad_value_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, j) = (dir.path(), dir.path().join("j.db"));
+        let creds = "bucket = \"rec\"\naccess_key_id = \"id\"\naccess_key_secret = \"s\"";
+        let ok = |tail: &str| with(r, &j, "", creds, tail);
+        let cases: Vec<(String, &str)> = vec![
+            (ok("[upload]\nbogus = 1"), "upload.bogus"),
+            (ok("[upload]\npart_size_mib = 4"), "upload.part_size_mib"),
+            (ok("[upload]\npart_size_mib = 5121"), "upload.part_size_mib"),
+            (ok("[upload]\nconcurrency = 0"), "upload.concurrency"),
+            (ok("[upload]\nconcurrency = \"many\""), "upload.concurrency"),
+            (ok("[lookup]\nlisten = [\"nope\"]"), "lookup.listen[0]"),
+            (ok("[lookup]\npresign_style = \"v9\""), "lookup.presign_style"),
+            (ok("[bogus]\nx = 1"), "bogus"),
+            (
+                with(r, &j, "exclude = [\"a[\"]", creds, ""),
+                "watch.exclude[0]",
+            ),
+            (
+                with(r, &j, "include = [\"**/*\", \"{a\"]", creds, ""),
+                "watch.include[1]",
+            ),
+            (with(r, &j, "settle_secs = -1", creds, ""), "watch.settle_secs"),
+            (
+                with(r, &j, "", "access_key_id = \"id\"\naccess_key_secret = \"s\"", ""),
+                "storage.bucket",
+            ),
+            (
+                with(r, &j, "", "bucket = \"rec\"\naccess_key_secret = \"s\"", ""),
+                "storage.access_key_id",
+            ),
+            (
+                with(r, &j, "", "bucket = \"rec\"\naccess_key_id = \"id\"", ""),
+                "storage.access_key_secret",
+            ),
+            (
+                with(r, &j, "", &format!("{creds}\nkey_template = \"{{node}}\""), ""),
+                "storage.key_template",
+            ),
+            (
+                with(r, &j, "", &format!("{creds}\nendpoint = \"ftp://x\""), ""),
+                "storage.endpoint",
+            ),
+        ];
+        for (toml, key) in cases {
+            let e = err_of(&toml);
+            assert_eq!(e.key, key, "for {toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_missing_root_and_uncreatable_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = err_of(&base(&dir.path().join("missing"), &dir.path().join("j.db")));
+        assert_eq!(e.key, "watch.root");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let e = err_of(&base(dir.path(), &file.join("j.db")));
+        assert_eq!(e.key, "journal.path");
+    }
+
+    #[test]
+    fn secret_file_must_not_be_world_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "abc\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let toml = base(dir.path(), &dir.path().join("j.db")).replace(
+            "access_key_secret = \"s\"",
+            &format!("access_key_secret_file = {:?}", secret.display().to_string()),
+        );
+        assert_eq!(err_of(&toml).key, "storage.access_key_secret_file");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(from_toml_str(&toml).unwrap().secret, "abc");
+    }
+}

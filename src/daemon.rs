@@ -1,0 +1,319 @@
+//! Wiring of the pipeline for `record-offload run`:
+//!
+//! ```text
+//! watcher ──Settled──> intake ──(journal rows)──> uploader ──> verify ──> delete ──> pruner
+//!    ^                                               │
+//!    └──────────── files that changed ───────────────┘
+//! ```
+//!
+//! Start-up recovers before anything new is taken: stored files whose local copy is still
+//! there are deleted, rows that were waiting to settle go back to the watcher, and multipart
+//! uploads this node left in the bucket without a journal row are aborted (where the store can
+//! list them). Rows that were `uploading` simply become due and resume from their parts.
+//!
+//! Shutdown (the future passed to [`run`] completes): the watcher and the intake stop at once,
+//! the uploader finishes what is in flight for up to `upload.drain_secs` and abandons the rest
+//! (resumed at the next start); every journal write is a complete transaction, so the journal
+//! is consistent whenever the process stops.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::fsutil::Root;
+use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
+use crate::keys::KeyTemplate;
+use crate::store::Store;
+use crate::upload::Uploader;
+use crate::watch::{self, Settled, WatchParams, WatchStats};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("watch.root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.key_template: {0}")]
+    KeyTemplate(String),
+}
+
+/// A running pipeline.
+pub struct Daemon {
+    pub journal: Journal,
+    pub uploader: Arc<Uploader>,
+    pub watch_stats: Arc<WatchStats>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Daemon {
+    /// Opens the journal, recovers, and starts every stage.
+    pub async fn start(settings: Settings) -> Result<Daemon, DaemonError> {
+        let settings = Arc::new(settings);
+        let cfg = &settings.config;
+        let journal = Journal::open(&cfg.journal.path)?;
+        let root = Arc::new(Root::open(&cfg.watch.root).map_err(|source| DaemonError::Root {
+            path: cfg.watch.root.clone(),
+            source,
+        })?);
+        let template =
+            KeyTemplate::parse(&cfg.storage.key_template).map_err(DaemonError::KeyTemplate)?;
+        let store = Store::new(&settings);
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (settled_tx, settled_rx) = mpsc::channel::<Settled>(1024);
+        let (resettle_tx, resettle_rx) = mpsc::channel::<PathBuf>(1024);
+        let (prune_tx, prune_rx) = mpsc::channel::<PathBuf>(4096);
+
+        let uploader = Uploader::new(
+            settings.clone(),
+            store.clone(),
+            journal.clone(),
+            root.clone(),
+            resettle_tx.clone(),
+            prune_tx.clone(),
+        );
+
+        // Recovery.
+        uploader.finish_pending_deletes().await?;
+        let settling = journal.read(|c| journal::in_state(c, State::Settling)).await?;
+        for row in settling {
+            match root.stat(&row.path) {
+                Ok(_) => {
+                    let _ = resettle_tx.try_send(row.path.clone());
+                }
+                Err(_) => {
+                    let (id, generation) = (row.id, row.generation);
+                    journal
+                        .write(Durability::Normal, move |c| {
+                            journal::set_vanished(c, id, generation)
+                        })
+                        .await?;
+                }
+            }
+        }
+        {
+            let store = store.clone();
+            let journal = journal.clone();
+            let prefix = template.prefix(&cfg.node.name);
+            tracker.spawn(abort_stray_uploads(store, journal, prefix));
+        }
+
+        let watch_stats = Arc::new(WatchStats::default());
+        let params = WatchParams {
+            root: cfg.watch.root.clone(),
+            filter: crate::watch::filter::Filter::new(
+                settings.include.clone(),
+                settings.exclude.clone(),
+            ),
+            settle: settings.settle(),
+            rescan_interval: settings.rescan_interval(),
+            journal_path: cfg.journal.path.clone(),
+            delete_after_upload: cfg.upload.delete_after_upload,
+        };
+        tracker.spawn(watch::run(
+            params,
+            settled_tx,
+            resettle_rx,
+            prune_tx,
+            watch_stats.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(intake(
+            settled_rx,
+            journal.clone(),
+            template,
+            cfg.node.name.clone(),
+            uploader.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(crate::prune::run(
+            root.clone(),
+            settings.prune_after(),
+            prune_rx,
+            cancel.clone(),
+        ));
+        tracker.spawn(uploader.clone().run(cancel.clone()));
+        tracker.close();
+        info!(root = %cfg.watch.root.display(), bucket = %cfg.storage.bucket,
+              endpoint = %cfg.storage.endpoint, node = %cfg.node.name, "record-offload started");
+        Ok(Daemon {
+            journal,
+            uploader,
+            watch_stats,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// Asks every stage to stop (see the module doc for what that means).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until every stage has stopped.
+    pub async fn wait(self) {
+        self.tracker.wait().await;
+        info!("record-offload stopped");
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, then drains and returns.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(settings).await?;
+    shutdown.await;
+    info!("shutting down");
+    daemon.shutdown();
+    daemon.wait().await;
+    Ok(())
+}
+
+/// Takes settled files into the journal, many per transaction.
+async fn intake(
+    mut rx: mpsc::Receiver<Settled>,
+    journal: Journal,
+    template: KeyTemplate,
+    node: String,
+    uploader: Arc<Uploader>,
+    cancel: CancellationToken,
+) {
+    let delete_after_upload = uploader.settings.config.upload.delete_after_upload;
+    let retry_wait = (uploader.settings.config.upload.failed_retry_secs * 1000.0) as i64;
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break,
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<(Settled, Result<String, String>)> = batch
+            .into_iter()
+            .map(|s| {
+                let key = template.render(&node, &s.rel);
+                (s, key)
+            })
+            .collect();
+        let res = journal
+            .write(Durability::Normal, move |c| {
+                let mut out = Vec::with_capacity(items.len());
+                for (s, key) in items {
+                    let r = match key {
+                        Ok(key) => {
+                            match journal::intake(c, &s.rel, &key, &s.identity, delete_after_upload)? {
+                                Intake::KeyCollision { other } => {
+                                    let msg = format!(
+                                        "object key {key:?} is already used by {}",
+                                        other.display()
+                                    );
+                                    journal::intake_failed(c, &s.rel, "", &s.identity, &msg, journal::now_ms() + retry_wait)?;
+                                    Intake::Unchanged
+                                }
+                                other => other,
+                            }
+                        }
+                        Err(msg) => {
+                            journal::intake_failed(c, &s.rel, "", &s.identity, &msg, journal::now_ms() + retry_wait)?;
+                            Intake::Unchanged
+                        }
+                    };
+                    out.push((s, r));
+                }
+                Ok(out)
+            })
+            .await;
+        match res {
+            Ok(results) => {
+                let mut woke = false;
+                for (s, r) in results {
+                    match r {
+                        Intake::Queued { .. } => woke = true,
+                        Intake::DeletePending { id, generation } => {
+                            let up = uploader.clone();
+                            tokio::spawn(async move {
+                                up.delete_local(id, generation, &s.rel, &s.identity).await;
+                            });
+                        }
+                        Intake::Unchanged | Intake::KeyCollision { .. } => {}
+                    }
+                }
+                if woke {
+                    uploader.wake.notify_one();
+                }
+            }
+            // The files are still on disk: the next scan offers them again.
+            Err(e) => warn!(error = %e, "cannot record settled files in the journal"),
+        }
+    }
+}
+
+/// Aborts multipart uploads under this node's prefix that the journal does not know (left by
+/// a crash between creating an upload and recording it). Stores without
+/// ListMultipartUploads (OSS's S3 API) skip this; a bucket lifecycle rule covers them.
+async fn abort_stray_uploads(store: Store, journal: Journal, prefix: String) {
+    let listed = match store.list_multipart_uploads(&prefix).await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            info!("the store cannot list multipart uploads; rely on a lifecycle rule for stray ones");
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot list multipart uploads; stray ones are left to the lifecycle rule");
+            return;
+        }
+    };
+    if listed.is_empty() {
+        return;
+    }
+    let known: HashSet<String> = match journal
+        .read(|c| {
+            let mut ids = HashSet::new();
+            for st in [State::Queued, State::Uploading, State::Failed, State::Settling] {
+                for row in journal::in_state(c, st)? {
+                    if let Some(u) = row.upload_id {
+                        ids.insert(u);
+                    }
+                }
+            }
+            Ok(ids)
+        })
+        .await
+    {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(error = %e, "cannot read the journal to find stray uploads");
+            return;
+        }
+    };
+    for (key, upload_id) in listed {
+        if known.contains(&upload_id) {
+            continue;
+        }
+        match store.abort_multipart(&key, &upload_id).await {
+            Ok(()) => info!(key = %key, upload_id = %upload_id, "aborted a multipart upload the journal does not know"),
+            Err(e) => warn!(key = %key, error = %e, "cannot abort a stray multipart upload"),
+        }
+    }
+}

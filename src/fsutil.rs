@@ -1,0 +1,325 @@
+//! File-system operations confined to the watch root.
+//!
+//! Every open, stat and unlink of a file under the root walks the relative path one component at
+//! a time from a descriptor of the root, with `O_NOFOLLOW` at every step. So a symbolic link
+//! anywhere in the path — placed there before or swapped in during the walk — fails the
+//! operation instead of leading outside the root, and no `..` component is ever accepted.
+//! Paths are bytes (`OsStr`): non-UTF-8 names work like any other.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+/// What identifies the content of a file that was read: a changed file differs in at least one
+/// of these, and is then uploaded again rather than deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl Identity {
+    pub fn from_stat(st: &rustix::fs::Stat) -> Identity {
+        Identity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size.max(0) as u64,
+            mtime_ns: (st.st_mtime as i64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec as i64),
+        }
+    }
+
+    pub fn from_metadata(m: &std::fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+        }
+    }
+
+    pub fn mtime(&self) -> SystemTime {
+        if self.mtime_ns >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(self.mtime_ns as u64)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    }
+}
+
+/// What kind of entry a path names (symbolic links are reported, never followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+fn kind_of(st: &rustix::fs::Stat) -> Kind {
+    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        rustix::fs::FileType::RegularFile => Kind::File,
+        rustix::fs::FileType::Directory => Kind::Dir,
+        rustix::fs::FileType::Symlink => Kind::Symlink,
+        _ => Kind::Other,
+    }
+}
+
+/// The watch root, held open.
+#[derive(Debug)]
+pub struct Root {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+/// Why a path relative to the root was refused before touching the file system.
+pub fn check_rel(rel: &Path) -> io::Result<()> {
+    if rel.as_os_str().is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
+    }
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("path {:?} is not a plain relative path", rel),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Root {
+    /// Opens the root directory. The root itself is the operator's choice and may be reached
+    /// through a symbolic link; nothing below it is.
+    pub fn open(path: &Path) -> io::Result<Root> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Root {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the directory that holds `rel` and returns it with the final component.
+    fn open_parent<'a>(&self, rel: &'a Path) -> io::Result<(OwnedFd, &'a std::ffi::OsStr)> {
+        check_rel(rel)?;
+        let mut comps: Vec<&std::ffi::OsStr> = rel.iter().collect();
+        let Some(name) = comps.pop() else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
+        };
+        let mut dir = rustix::io::dup(&self.fd)?;
+        for c in comps {
+            dir = rustix::fs::openat(
+                &dir,
+                c,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+        }
+        Ok((dir, name))
+    }
+
+    /// Opens a regular file for reading; refuses symbolic links, devices, FIFOs and directories.
+    pub fn open_file(&self, rel: &Path) -> io::Result<(File, Identity)> {
+        let (dir, name) = self.open_parent(rel)?;
+        let fd = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&fd)?;
+        if kind_of(&st) != Kind::File {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok((File::from(fd), Identity::from_stat(&st)))
+    }
+
+    /// `lstat` of an entry under the root.
+    pub fn stat(&self, rel: &Path) -> io::Result<(Kind, Identity)> {
+        let (dir, name) = self.open_parent(rel)?;
+        let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok((kind_of(&st), Identity::from_stat(&st)))
+    }
+
+    /// Unlinks `rel` only if it is still the regular file `expect` describes.
+    pub fn unlink_if_same(&self, rel: &Path, expect: &Identity) -> io::Result<UnlinkOutcome> {
+        let (dir, name) = self.open_parent(rel)?;
+        let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(UnlinkOutcome::Gone),
+            Err(e) => return Err(e.into()),
+        };
+        let now = Identity::from_stat(&st);
+        if kind_of(&st) != Kind::File || now != *expect {
+            return Ok(UnlinkOutcome::Changed(now));
+        }
+        match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+            Ok(()) => Ok(UnlinkOutcome::Removed),
+            Err(rustix::io::Errno::NOENT) => Ok(UnlinkOutcome::Gone),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the directory `rel` if it is empty and has not been modified for `idle`.
+    /// Never removes the root itself (an empty `rel` is refused).
+    pub fn rmdir_if_idle(&self, rel: &Path, idle: Duration) -> io::Result<RmdirOutcome> {
+        let (dir, name) = self.open_parent(rel)?;
+        let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(RmdirOutcome::Gone),
+            Err(e) => return Err(e.into()),
+        };
+        if kind_of(&st) != Kind::Dir {
+            return Ok(RmdirOutcome::NotEmpty);
+        }
+        let mtime = Identity::from_stat(&st).mtime();
+        let age = SystemTime::now()
+            .duration_since(mtime)
+            .unwrap_or(Duration::ZERO);
+        if age < idle {
+            return Ok(RmdirOutcome::TooRecent(idle - age));
+        }
+        match rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR) {
+            Ok(()) => Ok(RmdirOutcome::Removed),
+            Err(rustix::io::Errno::NOTEMPTY) | Err(rustix::io::Errno::EXIST) => {
+                Ok(RmdirOutcome::NotEmpty)
+            }
+            Err(rustix::io::Errno::NOENT) => Ok(RmdirOutcome::Gone),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the root itself is still the directory that was opened (it may have been
+    /// removed and re-created under the same name).
+    pub fn still_current(&self) -> bool {
+        let Ok(a) = rustix::fs::fstat(self.fd.as_fd()) else {
+            return false;
+        };
+        let Ok(b) = rustix::fs::stat(&self.path) else {
+            return false;
+        };
+        a.st_dev == b.st_dev && a.st_ino == b.st_ino
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnlinkOutcome {
+    Removed,
+    /// Already gone.
+    Gone,
+    /// The entry is no longer the file that was checked: it was kept.
+    Changed(Identity),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RmdirOutcome {
+    Removed,
+    Gone,
+    NotEmpty,
+    /// Modified too recently: try again after this long.
+    TooRecent(Duration),
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn refuses_symlinks_and_dotdot() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), b"hello").unwrap();
+        symlink(outside.path(), dir.path().join("link")).unwrap();
+        symlink(outside.path().join("secret"), dir.path().join("d/flink")).unwrap();
+        let root = Root::open(dir.path()).unwrap();
+
+        let (_, id) = root.open_file(Path::new("d/f")).unwrap();
+        assert_eq!(id.size, 5);
+        assert!(root.open_file(Path::new("link/secret")).is_err());
+        assert!(root.open_file(Path::new("d/flink")).is_err());
+        assert!(root.open_file(Path::new("d/../d/f")).is_err());
+        assert!(root.open_file(Path::new("/etc/passwd")).is_err());
+        assert!(root.open_file(Path::new("d")).is_err());
+        assert_eq!(root.stat(Path::new("d/flink")).unwrap().0, Kind::Symlink);
+        // A symlink is never removed as if it were the file.
+        let (_, sid) = root.stat(Path::new("d/flink")).unwrap();
+        assert!(matches!(
+            root.unlink_if_same(Path::new("d/flink"), &sid).unwrap(),
+            UnlinkOutcome::Changed(_)
+        ));
+        assert!(outside.path().join("secret").exists());
+    }
+
+    #[test]
+    fn unlink_only_when_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"one").unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let (_, id) = root.open_file(Path::new("f")).unwrap();
+        std::fs::write(dir.path().join("f"), b"two!").unwrap();
+        assert!(matches!(
+            root.unlink_if_same(Path::new("f"), &id).unwrap(),
+            UnlinkOutcome::Changed(_)
+        ));
+        assert!(dir.path().join("f").exists());
+        let (_, id) = root.open_file(Path::new("f")).unwrap();
+        assert_eq!(
+            root.unlink_if_same(Path::new("f"), &id).unwrap(),
+            UnlinkOutcome::Removed
+        );
+        assert!(!dir.path().join("f").exists());
+        assert_eq!(
+            root.unlink_if_same(Path::new("f"), &id).unwrap(),
+            UnlinkOutcome::Gone
+        );
+    }
+
+    #[test]
+    fn rmdir_waits_and_keeps_non_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        assert!(matches!(
+            root.rmdir_if_idle(Path::new("a/b"), Duration::from_secs(3600)).unwrap(),
+            RmdirOutcome::TooRecent(_)
+        ));
+        assert_eq!(
+            root.rmdir_if_idle(Path::new("a"), Duration::ZERO).unwrap(),
+            RmdirOutcome::NotEmpty
+        );
+        assert_eq!(
+            root.rmdir_if_idle(Path::new("a/b"), Duration::ZERO).unwrap(),
+            RmdirOutcome::Removed
+        );
+        assert!(root.rmdir_if_idle(Path::new(""), Duration::ZERO).is_err());
+        assert!(dir.path().exists());
+    }
+}

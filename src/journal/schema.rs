@@ -1,0 +1,73 @@
+//! Schema and migrations. `PRAGMA user_version` holds the schema version; each migration runs
+//! in its own transaction, so an interrupted upgrade is retried whole at the next start.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::JournalError;
+
+/// The schema version this build writes.
+pub const VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: files and their multipart parts.
+    r#"
+    CREATE TABLE files (
+        id               INTEGER PRIMARY KEY,
+        path             BLOB NOT NULL UNIQUE,   -- relative to watch.root, raw bytes
+        key              TEXT NOT NULL,          -- object key
+        state            TEXT NOT NULL,
+        generation       INTEGER NOT NULL DEFAULT 0, -- bumped when the file is re-queued
+        dev              INTEGER,
+        ino              INTEGER,
+        size             INTEGER NOT NULL DEFAULT 0,
+        mtime_ns         INTEGER,
+        md5              TEXT,                   -- whole file, hex; set once read completely
+        upload_id        TEXT,                   -- multipart upload in progress
+        upload_generation INTEGER,               -- the generation upload_id belongs to
+        part_size        INTEGER,
+        bytes_sent       INTEGER NOT NULL DEFAULT 0,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms  INTEGER NOT NULL DEFAULT 0,
+        last_error       TEXT,
+        last_error_ms    INTEGER,
+        discovered_ms    INTEGER NOT NULL,
+        queued_ms        INTEGER,
+        uploaded_ms      INTEGER,
+        deleted_ms       INTEGER,
+        updated_ms       INTEGER NOT NULL
+    );
+    CREATE INDEX files_state_due ON files(state, next_attempt_ms);
+    CREATE INDEX files_key ON files(key);
+    CREATE TABLE parts (
+        file_id      INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+        upload_id    TEXT NOT NULL,
+        part_number  INTEGER NOT NULL,
+        offset       INTEGER NOT NULL,
+        size         INTEGER NOT NULL,
+        md5          TEXT NOT NULL,              -- hex of the part's bytes
+        etag         TEXT NOT NULL,              -- as the store returned it
+        PRIMARY KEY (file_id, part_number)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
+    debug_assert_eq!(MIGRATIONS.len() as i64, VERSION);
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > VERSION {
+        return Err(JournalError::TooNew {
+            path: path.to_path_buf(),
+            found: current,
+            known: VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

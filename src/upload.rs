@@ -1,0 +1,949 @@
+//! Uploading, checking and deleting one file at a time, for many files at once.
+//!
+//! # Scheduling
+//!
+//! The scheduler takes due rows from the journal (`queued`, `uploading`, and `failed` rows
+//! whose wait is over) and runs one task per file, up to a few more files than
+//! `upload.concurrency`. What is bounded by `upload.concurrency` is the number of requests that
+//! carry data (small objects and parts), across all files: a semaphore permit is held while a
+//! part is hashed and sent. Memory is therefore a few chunk buffers per permit, whatever the
+//! part and file sizes: parts are never held in memory, they are read twice from the file (once
+//! to hash, once to send), which costs page-cache reads but keeps the daemon small.
+//!
+//! # One file
+//!
+//! 1. Open the file without following links; its identity `(dev, inode, size, mtime)` must be
+//!    the one recorded when it settled, otherwise it changed: back to settling.
+//! 2. Files of at most one part: PutObject. Larger: CreateMultipartUpload (the id is committed
+//!    before the first part), then parts in order of reading, each hashed, sent with
+//!    `Content-MD5` and committed when the store acknowledges it with a matching ETag. A row
+//!    that already has an upload id (after a restart) asks ListParts and sends only what is
+//!    missing.
+//! 3. HEAD the object: the size must match.
+//! 4. Re-check the file: unchanged since it was read, or it is uploaded again after it settles.
+//! 5. Commit `uploaded` (durably), then unlink the file — only if it is still the same file —
+//!    and commit `deleted`. Directories emptied that way go to the pruner.
+//!
+//! Transient errors (network, 5xx, throttling, timeouts, a corrupt part) are retried in place
+//! with capped exponential backoff and jitter, forever while the file is on disk; each failure
+//! is written to the row (`attempts`, `last_error`) so `status` shows it. Permanent errors
+//! (credentials, bucket, permissions) put the row in `failed`.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+use rand::Rng;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::Settings;
+use crate::fsutil::{Identity, Root, UnlinkOutcome};
+use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
+use crate::store::{ErrorKind, FileRange, Store, StoreError};
+
+/// S3 and OSS allow at most this many parts.
+pub const MAX_PARTS: u64 = 10_000;
+const MIB: u64 = 1024 * 1024;
+
+/// The part size for a file: the configured size, grown (in whole MiB) so that the file fits
+/// in [`MAX_PARTS`] parts.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    let needed = size.div_ceil(MAX_PARTS);
+    let needed = needed.div_ceil(MIB) * MIB;
+    configured.max(needed)
+}
+
+/// Counters for status, metrics and liveness.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    pub bytes_sent: AtomicU64,
+    pub files_uploaded: AtomicU64,
+    pub files_deleted: AtomicU64,
+    pub retries: AtomicU64,
+    pub failures: AtomicU64,
+    pub active_files: AtomicU64,
+}
+
+/// Capped exponential backoff with jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: `initial × 2^attempt`, capped at `max`, then scaled by a random factor
+    /// in [0.5, 1) so that many files do not retry in lockstep.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.initial.as_secs_f64() * 2f64.powi(self.attempt.min(30) as i32);
+        self.attempt = self.attempt.saturating_add(1);
+        let capped = exp.min(self.max.as_secs_f64());
+        let jitter = rand::rng().random_range(0.5..1.0);
+        Duration::from_secs_f64(capped * jitter)
+    }
+}
+
+/// How one attempt at a file ended.
+#[derive(Debug)]
+enum Outcome {
+    /// Stored (and deleted when configured); the journal says so.
+    Done,
+    /// The file changed or went away; the journal says so.
+    Handled,
+    /// A permanent error.
+    Failed(String),
+    /// Give up this attempt and retry the whole file later (transient error outside a part).
+    Retry(String),
+    /// Shutdown.
+    Interrupted,
+}
+
+/// Errors inside a file task.
+#[derive(Debug)]
+enum TaskError {
+    Store(StoreError),
+    Journal(JournalError),
+    /// The file is not what was recorded any more.
+    Changed,
+    /// The file is gone.
+    Gone,
+    Io(String),
+    Interrupted,
+}
+
+impl From<JournalError> for TaskError {
+    fn from(e: JournalError) -> Self {
+        TaskError::Journal(e)
+    }
+}
+
+impl From<StoreError> for TaskError {
+    fn from(e: StoreError) -> Self {
+        TaskError::Store(e)
+    }
+}
+
+/// Everything the upload side shares.
+pub struct Uploader {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub journal: Journal,
+    pub root: Arc<Root>,
+    /// Requests that carry data in flight.
+    permits: Arc<Semaphore>,
+    /// Woken when rows become due (intake, retries).
+    pub wake: Arc<Notify>,
+    resettle: mpsc::Sender<PathBuf>,
+    prune: mpsc::Sender<PathBuf>,
+    pub stats: Arc<UploadStats>,
+}
+
+impl Uploader {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        journal: Journal,
+        root: Arc<Root>,
+        resettle: mpsc::Sender<PathBuf>,
+        prune: mpsc::Sender<PathBuf>,
+    ) -> Arc<Uploader> {
+        let permits = Arc::new(Semaphore::new(settings.config.upload.concurrency));
+        Arc::new(Uploader {
+            settings,
+            store,
+            journal,
+            root,
+            permits,
+            wake: Arc::new(Notify::new()),
+            resettle,
+            prune,
+            stats: Arc::new(UploadStats::default()),
+        })
+    }
+
+    fn backoff(&self) -> Backoff {
+        let up = &self.settings.config.upload;
+        Backoff::new(
+            Duration::from_secs_f64(up.retry_initial_secs),
+            Duration::from_secs_f64(up.retry_max_secs),
+        )
+    }
+
+    fn delete_after_upload(&self) -> bool {
+        self.settings.config.upload.delete_after_upload
+    }
+
+    /// Runs the scheduler until `cancel`; then lets files in flight finish for
+    /// `upload.drain_secs` and abandons the rest (they resume at the next start).
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let max_files = self.settings.config.upload.concurrency * 4;
+        let mut active: HashSet<i64> = HashSet::new();
+        let mut task_rows: HashMap<tokio::task::Id, i64> = HashMap::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        // File tasks see this token; it fires only when the drain time is over.
+        let work_cancel = CancellationToken::new();
+        let poll = Duration::from_millis(250);
+        loop {
+            if !cancel.is_cancelled() && active.len() < max_files {
+                let want = max_files + active.len();
+                match self
+                    .journal
+                    .read(move |c| journal::due(c, journal::now_ms(), want))
+                    .await
+                {
+                    Ok(rows) => {
+                        for row in rows {
+                            if active.len() >= max_files {
+                                break;
+                            }
+                            if active.insert(row.id) {
+                                let me = self.clone();
+                                let token = work_cancel.clone();
+                                let id = row.id;
+                                let handle = tasks.spawn(async move { me.process(row, token).await });
+                                task_rows.insert(handle.id(), id);
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot read due files from the journal"),
+                }
+                self.stats
+                    .active_files
+                    .store(active.len() as u64, Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(done) = tasks.join_next_with_id() => {
+                    let task = match done {
+                        Ok((task, ())) => task,
+                        Err(e) => {
+                            warn!(error = %e, "upload task ended abnormally");
+                            e.id()
+                        }
+                    };
+                    if let Some(id) = task_rows.remove(&task) {
+                        active.remove(&id);
+                    }
+                }
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+        // Drain.
+        let drain = Duration::from_secs_f64(self.settings.config.upload.drain_secs);
+        if !tasks.is_empty() {
+            info!(files = tasks.len(), drain_secs = drain.as_secs_f64(), "waiting for uploads in flight");
+        }
+        let deadline = tokio::time::Instant::now() + drain;
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    work_cancel.cancel();
+                    // Give tasks a moment to stop at a safe point, then drop them.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while tasks.join_next().await.is_some() {}
+                    }).await;
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                }
+            }
+        }
+        debug!("uploader stopped");
+    }
+
+    /// One attempt at one file, with its outcome written to the journal.
+    async fn process(self: Arc<Self>, row: FileRow, cancel: CancellationToken) {
+        let span = info_span!("file", path = %row.path.display(), key = %row.key, size = row.size);
+        async {
+            let outcome = match self.upload_file(&row, &cancel).await {
+                Ok(o) => o,
+                Err(TaskError::Interrupted) => Outcome::Interrupted,
+                Err(TaskError::Changed) => match self.mark_changed(&row).await {
+                    Ok(()) => Outcome::Handled,
+                    Err(e) => Outcome::Retry(e.to_string()),
+                },
+                Err(TaskError::Gone) => match self.mark_vanished(&row).await {
+                    Ok(()) => Outcome::Handled,
+                    Err(e) => Outcome::Retry(e.to_string()),
+                },
+                Err(TaskError::Store(e)) if e.kind == ErrorKind::Permanent => {
+                    Outcome::Failed(e.to_string())
+                }
+                Err(TaskError::Store(e)) => Outcome::Retry(e.to_string()),
+                Err(TaskError::Journal(e)) if journal::is_stale(&e) => Outcome::Handled,
+                Err(TaskError::Journal(e)) => Outcome::Retry(e.to_string()),
+                Err(TaskError::Io(e)) => Outcome::Retry(e),
+            };
+            let now = journal::now_ms();
+            let (id, generation) = (row.id, row.generation);
+            match outcome {
+                Outcome::Done | Outcome::Handled | Outcome::Interrupted => {}
+                Outcome::Failed(err) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %err, "upload failed permanently; the file stays until `retry` or the next automatic attempt");
+                    let wait = (self.settings.config.upload.failed_retry_secs * 1000.0) as i64;
+                    let res = self
+                        .journal
+                        .write(Durability::Normal, move |c| {
+                            journal::set_failed(c, id, generation, &err, now + wait)
+                        })
+                        .await;
+                    if let Err(e) = res
+                        && !journal::is_stale(&e)
+                    {
+                        warn!(error = %e, "cannot record the failure");
+                    }
+                }
+                Outcome::Retry(err) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let mut b = self.backoff();
+                    b.attempt = row.attempts.clamp(0, 30) as u32;
+                    let delay = b.next_delay();
+                    warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "upload attempt failed; will retry");
+                    let next = now + delay.as_millis() as i64;
+                    let res = self
+                        .journal
+                        .write(Durability::Normal, move |c| {
+                            journal::set_retry(c, id, generation, &err, next)
+                        })
+                        .await;
+                    if let Err(e) = res
+                        && !journal::is_stale(&e)
+                    {
+                        warn!(error = %e, "cannot record the retry");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn mark_changed(&self, row: &FileRow) -> Result<(), JournalError> {
+        info!("file changed while it was being uploaded; it will be uploaded again once it settles");
+        self.abort_recorded_upload(row).await;
+        let (id, generation) = (row.id, row.generation);
+        self.journal
+            .write(Durability::Normal, move |c| {
+                journal::set_settling(c, id, generation)?;
+                journal::clear_upload(c, id)
+            })
+            .await?;
+        let _ = self.resettle.send(row.path.clone()).await;
+        Ok(())
+    }
+
+    async fn mark_vanished(&self, row: &FileRow) -> Result<(), JournalError> {
+        info!("file disappeared before it was stored");
+        self.abort_recorded_upload(row).await;
+        let (id, generation) = (row.id, row.generation);
+        self.journal
+            .write(Durability::Normal, move |c| {
+                journal::set_vanished(c, id, generation)?;
+                journal::clear_upload(c, id)
+            })
+            .await
+    }
+
+    /// Aborts the multipart upload the row records, if any (best effort: a leftover is cleaned
+    /// by the bucket's lifecycle rule).
+    async fn abort_recorded_upload(&self, row: &FileRow) {
+        if let Some(upload_id) = &row.upload_id
+            && let Err(e) = self.store.abort_multipart(&row.key, upload_id).await
+        {
+            warn!(error = %e, "cannot abort the multipart upload");
+        }
+    }
+
+    /// Sleeps for the next backoff delay unless cancelled; records the error on the row.
+    async fn pause(
+        &self,
+        row: &FileRow,
+        backoff: &mut Backoff,
+        err: &StoreError,
+        cancel: &CancellationToken,
+    ) -> Result<(), TaskError> {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff.next_delay();
+        debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "request failed; retrying");
+        let (id, generation) = (row.id, row.generation);
+        let msg = err.to_string();
+        let next = journal::now_ms() + delay.as_millis() as i64;
+        // Visible in `status` while we wait; the row stays with this task.
+        self.journal
+            .write(Durability::Normal, move |c| {
+                journal::set_retry(c, id, generation, &msg, next)
+            })
+            .await?;
+        tokio::select! {
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+            _ = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
+    /// Fails with `Changed` or `Gone` when the file at the path is no longer `expect`.
+    fn check_unchanged(&self, rel: &Path, file: &File, expect: &Identity) -> Result<(), TaskError> {
+        let now = rustix::fs::fstat(file).map_err(|e| TaskError::Io(e.to_string()))?;
+        if Identity::from_stat(&now) != *expect {
+            return Err(TaskError::Changed);
+        }
+        match self.root.stat(rel) {
+            Ok((_, id)) if id == *expect => Ok(()),
+            Ok(_) => Err(TaskError::Changed),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TaskError::Gone),
+            Err(e) => Err(TaskError::Io(format!("stat: {e}"))),
+        }
+    }
+
+    async fn acquire(&self, cancel: &CancellationToken) -> Result<OwnedSemaphorePermit, TaskError> {
+        tokio::select! {
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+            p = self.permits.clone().acquire_owned() => p.map_err(|_| TaskError::Interrupted),
+        }
+    }
+
+    async fn upload_file(
+        self: &Arc<Self>,
+        row: &FileRow,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, TaskError> {
+        if row.key.is_empty() {
+            // Recorded without a usable key (see the row's error): nothing to upload to.
+            return Ok(Outcome::Failed(
+                row.last_error
+                    .clone()
+                    .unwrap_or_else(|| "no object key for this file".to_string()),
+            ));
+        }
+        let rel = row.path.clone();
+        let opened = {
+            let root = self.root.clone();
+            let rel = rel.clone();
+            tokio::task::spawn_blocking(move || root.open_file(&rel))
+                .await
+                .map_err(|e| TaskError::Io(e.to_string()))?
+        };
+        let (file, identity) = match opened {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(TaskError::Gone),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Ok(Outcome::Failed(format!("cannot open the file: {e}")));
+            }
+            // A symbolic link (ELOOP), a directory, a device: not a recording any more.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.kind() == std::io::ErrorKind::InvalidInput || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(TaskError::Gone);
+            }
+            Err(e) => return Err(TaskError::Io(format!("cannot open the file: {e}"))),
+        };
+        if row.identity != Some(identity) {
+            return Err(TaskError::Changed);
+        }
+        let file = Arc::new(file);
+
+        // An upload id from an older generation of the file is of no use.
+        if row.upload_id.is_some() && row.upload_generation != Some(row.generation) {
+            self.abort_recorded_upload(row).await;
+            let id = row.id;
+            self.journal
+                .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                .await?;
+        }
+
+        let part_size = part_size_for(identity.size, self.settings.part_size());
+        let started = Instant::now();
+        let md5_hex = if identity.size <= part_size {
+            self.put_small(row, &file, &identity, cancel).await?
+        } else {
+            self.put_multipart(row, &file, &identity, part_size, cancel)
+                .await?
+        };
+
+        // Check what the store holds.
+        let mut backoff = self.backoff();
+        loop {
+            match self.store.head(&row.key).await {
+                Ok(Some(info)) if info.size == identity.size => break,
+                Ok(Some(info)) => {
+                    return Ok(Outcome::Retry(format!(
+                        "stored object has {} bytes, the file {}",
+                        info.size, identity.size
+                    )));
+                }
+                Ok(None) => return Ok(Outcome::Retry("stored object not found after upload".into())),
+                Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.check_unchanged(&rel, &file, &identity)?;
+
+        let (id, generation) = (row.id, row.generation);
+        let durability = if self.delete_after_upload() {
+            Durability::Sync
+        } else {
+            Durability::Normal
+        };
+        {
+            let md5_hex = md5_hex.clone();
+            self.journal
+                .write(durability, move |c| {
+                    journal::set_uploaded(c, id, generation, &identity, &md5_hex)
+                })
+                .await?;
+        }
+        self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
+        info!(
+            bytes = identity.size,
+            md5 = %md5_hex,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "upload complete"
+        );
+        drop(file);
+        if self.delete_after_upload() {
+            self.delete_local(id, generation, &rel, &identity).await;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Removes the local copy of a stored file if it is still the file that was uploaded.
+    pub async fn delete_local(&self, id: i64, generation: i64, rel: &Path, identity: &Identity) {
+        let outcome = {
+            let root = self.root.clone();
+            let rel = rel.to_path_buf();
+            let identity = *identity;
+            tokio::task::spawn_blocking(move || root.unlink_if_same(&rel, &identity)).await
+        };
+        let outcome = match outcome {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                warn!(path = %rel.display(), error = %e, "cannot delete the uploaded file; will try again at the next scan");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "delete task failed");
+                return;
+            }
+        };
+        match outcome {
+            UnlinkOutcome::Removed | UnlinkOutcome::Gone => {
+                let res = self
+                    .journal
+                    .write(Durability::Normal, move |c| {
+                        journal::set_deleted(c, id, generation)
+                    })
+                    .await;
+                match res {
+                    Ok(()) => {
+                        self.stats.files_deleted.fetch_add(1, Ordering::Relaxed);
+                        debug!(path = %rel.display(), "local copy deleted");
+                    }
+                    Err(e) if journal::is_stale(&e) => {}
+                    Err(e) => warn!(error = %e, "cannot record the deletion"),
+                }
+                if let Some(parent) = rel.parent()
+                    && !parent.as_os_str().is_empty()
+                {
+                    let _ = self.prune.try_send(parent.to_path_buf());
+                }
+            }
+            UnlinkOutcome::Changed(_) => {
+                info!(path = %rel.display(), "file changed after it was stored; kept, and it will be uploaded again");
+            }
+        }
+    }
+
+    /// Hashes `len` bytes at `offset`, feeding `whole` too; checks the bytes are all there.
+    async fn hash_range(
+        file: &Arc<File>,
+        offset: u64,
+        len: u64,
+        mut whole: Option<Md5>,
+    ) -> Result<([u8; 16], Option<Md5>), TaskError> {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut part = Md5::new();
+            let mut buf = vec![0u8; (len.min(1 << 20)) as usize];
+            let mut pos = offset;
+            let end = offset + len;
+            while pos < end {
+                let n = (end - pos).min(buf.len() as u64) as usize;
+                let got = crate::store::read_full_at(&file, &mut buf[..n], pos)
+                    .map_err(|e| TaskError::Io(format!("read: {e}")))?;
+                if got < n {
+                    return Err(TaskError::Changed);
+                }
+                part.update(&buf[..n]);
+                if let Some(w) = whole.as_mut() {
+                    w.update(&buf[..n]);
+                }
+                pos += n as u64;
+            }
+            Ok((part.finalize().into(), whole))
+        })
+        .await
+        .map_err(|e| TaskError::Io(e.to_string()))?
+    }
+
+    /// A file of at most one part: one PutObject. Returns the MD5 (hex).
+    async fn put_small(
+        &self,
+        row: &FileRow,
+        file: &Arc<File>,
+        identity: &Identity,
+        cancel: &CancellationToken,
+    ) -> Result<String, TaskError> {
+        let mut backoff = self.backoff();
+        let permit = self.acquire(cancel).await?;
+        let (md5, _) = Self::hash_range(file, 0, identity.size, None).await?;
+        let mut permit = Some(permit);
+        let metadata = [("md5", hex::encode(md5))];
+        loop {
+            let held = match permit.take() {
+                Some(p) => p,
+                None => self.acquire(cancel).await?,
+            };
+            let body = FileRange {
+                file: file.clone(),
+                offset: 0,
+                len: identity.size,
+            };
+            let res = tokio::select! {
+                _ = cancel.cancelled() => return Err(TaskError::Interrupted),
+                r = self.store.put_object(&row.key, body, &md5, &metadata) => r,
+            };
+            drop(held);
+            match res {
+                Ok(_) => {
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(identity.size, Ordering::Relaxed);
+                    return Ok(hex::encode(md5));
+                }
+                Err(e) if e.is_retryable() => {
+                    self.check_unchanged(&row.path, file, identity)?;
+                    self.pause(row, &mut backoff, &e, cancel).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A multipart upload, resumed from the journal when it has one. Returns the MD5 (hex).
+    async fn put_multipart(
+        self: &Arc<Self>,
+        row: &FileRow,
+        file: &Arc<File>,
+        identity: &Identity,
+        part_size: u64,
+        cancel: &CancellationToken,
+    ) -> Result<String, TaskError> {
+        let (id, generation) = (row.id, row.generation);
+        let size = identity.size;
+        let n_parts = size.div_ceil(part_size);
+        let mut backoff = self.backoff();
+
+        // Resume, when the journal has an upload of this generation with this part size.
+        let mut done: HashMap<i32, PartRow> = HashMap::new();
+        let mut upload_id = match (&row.upload_id, row.upload_generation, row.part_size) {
+            (Some(uid), Some(g), Some(ps)) if g == generation && ps == part_size => {
+                Some(uid.clone())
+            }
+            _ => None,
+        };
+        if let Some(uid) = upload_id.clone() {
+            let recorded = {
+                let uid = uid.clone();
+                self.journal.read(move |c| journal::parts(c, id, &uid)).await?
+            };
+            let listed = loop {
+                match self.store.list_parts(&row.key, &uid).await {
+                    Ok(l) => break Some(l),
+                    Err(e) if e.kind == ErrorKind::NoSuchUpload || e.status == Some(404) => {
+                        break None;
+                    }
+                    Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            match listed {
+                Some(listed) => {
+                    let listed: HashMap<i32, _> =
+                        listed.into_iter().map(|p| (p.part_number, p)).collect();
+                    for p in recorded {
+                        let ok = listed.get(&p.part_number).is_some_and(|l| {
+                            l.size == p.size && l.etag.as_ref().is_none_or(|e| *e == p.etag)
+                        });
+                        if ok {
+                            done.insert(p.part_number, p);
+                        }
+                    }
+                    info!(upload_id = %uid, parts_done = done.len(), parts = n_parts, "resuming multipart upload");
+                }
+                None => {
+                    info!(upload_id = %uid, "multipart upload is gone; starting again");
+                    self.journal
+                        .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                        .await?;
+                    upload_id = None;
+                }
+            }
+        } else if let Some(uid) = &row.upload_id {
+            // Part size changed (configuration): that upload cannot go on.
+            if let Err(e) = self.store.abort_multipart(&row.key, uid).await {
+                warn!(error = %e, "cannot abort the old multipart upload");
+            }
+        }
+        let upload_id = match upload_id {
+            Some(u) => u,
+            None => {
+                let uid = loop {
+                    match self.store.create_multipart(&row.key, &[]).await {
+                        Ok(u) => break u,
+                        Err(e) if e.is_retryable() => {
+                            self.pause(row, &mut backoff, &e, cancel).await?
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                // Committed before the first part is sent, so the upload is never unknown.
+                let u = uid.clone();
+                let res = self
+                    .journal
+                    .write(Durability::Normal, move |c| {
+                        journal::start_upload(c, id, generation, Some(&u), part_size)
+                    })
+                    .await;
+                if let Err(e) = res {
+                    let _ = self.store.abort_multipart(&row.key, &uid).await;
+                    return Err(e.into());
+                }
+                uid
+            }
+        };
+
+        // Read parts in order (hashing them and the whole file), send them concurrently.
+        let mut whole = Some(Md5::new());
+        let mut senders: JoinSet<Result<PartRow, TaskError>> = JoinSet::new();
+        let mut failure: Option<TaskError> = None;
+        for n in 1..=n_parts {
+            // Stop early when a part failed for good.
+            while let Some(res) = senders.try_join_next() {
+                match res {
+                    Ok(Ok(p)) => {
+                        done.insert(p.part_number, p);
+                    }
+                    Ok(Err(e)) => failure = Some(e),
+                    Err(e) => failure = Some(TaskError::Io(e.to_string())),
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+            let offset = (n - 1) * part_size;
+            let len = part_size.min(size - offset);
+            let part_number = n as i32;
+            let permit = self.acquire(cancel).await?;
+            let (md5, w) = Self::hash_range(file, offset, len, whole.take()).await?;
+            whole = w;
+            if let Some(p) = done.get(&part_number) {
+                if p.md5 == hex::encode(md5) && p.size == len {
+                    drop(permit);
+                    continue;
+                }
+                // The file no longer matches what was sent.
+                return Err(TaskError::Changed);
+            }
+            let me = self.clone();
+            let row = row.clone();
+            let file = file.clone();
+            let uid = upload_id.clone();
+            let identity = *identity;
+            let cancel = cancel.clone();
+            senders.spawn(async move {
+                me.send_part(
+                    &row, &file, &identity, &uid, part_number, offset, len, md5, permit, &cancel,
+                )
+                .await
+            });
+        }
+        while let Some(res) = senders.join_next().await {
+            match res {
+                Ok(Ok(p)) => {
+                    done.insert(p.part_number, p);
+                }
+                Ok(Err(e)) => {
+                    if failure.is_none() || matches!(e, TaskError::Changed | TaskError::Gone) {
+                        failure = Some(e)
+                    }
+                }
+                Err(e) => failure = Some(TaskError::Io(e.to_string())),
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let md5_hex = whole.map(|w| hex::encode(w.finalize())).unwrap_or_default();
+
+        let mut parts: Vec<(i32, String)> = done
+            .values()
+            .map(|p| (p.part_number, p.etag.clone()))
+            .collect();
+        parts.sort_by_key(|p| p.0);
+        if parts.len() as u64 != n_parts {
+            return Err(TaskError::Io(format!(
+                "{} of {n_parts} parts recorded",
+                parts.len()
+            )));
+        }
+        loop {
+            match self
+                .store
+                .complete_multipart(&row.key, &upload_id, &parts)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if e.kind == ErrorKind::NoSuchUpload => {
+                    // Completed by an attempt whose answer was lost, or gone: the HEAD that
+                    // follows decides; if the object is not right, start over.
+                    let info = self.store.head(&row.key).await?;
+                    if info.is_some_and(|i| i.size == size) {
+                        break;
+                    }
+                    self.journal
+                        .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                        .await?;
+                    return Err(TaskError::Store(e));
+                }
+                Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(md5_hex)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_part(
+        &self,
+        row: &FileRow,
+        file: &Arc<File>,
+        identity: &Identity,
+        upload_id: &str,
+        part_number: i32,
+        offset: u64,
+        len: u64,
+        md5: [u8; 16],
+        permit: OwnedSemaphorePermit,
+        cancel: &CancellationToken,
+    ) -> Result<PartRow, TaskError> {
+        let mut backoff = self.backoff();
+        let mut permit = Some(permit);
+        loop {
+            let held = match permit.take() {
+                Some(p) => p,
+                None => self.acquire(cancel).await?,
+            };
+            let body = FileRange {
+                file: file.clone(),
+                offset,
+                len,
+            };
+            let res = tokio::select! {
+                _ = cancel.cancelled() => return Err(TaskError::Interrupted),
+                r = self.store.upload_part(&row.key, upload_id, part_number, body, &md5) => r,
+            };
+            drop(held);
+            match res {
+                Ok(etag) => {
+                    self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                    let part = PartRow {
+                        part_number,
+                        offset,
+                        size: len,
+                        md5: hex::encode(md5),
+                        etag,
+                    };
+                    let (id, generation) = (row.id, row.generation);
+                    let (p, uid) = (part.clone(), upload_id.to_string());
+                    self.journal
+                        .write(Durability::Normal, move |c| {
+                            journal::record_part(c, id, generation, &uid, &p)
+                        })
+                        .await?;
+                    return Ok(part);
+                }
+                Err(e) if e.kind == ErrorKind::NoSuchUpload => return Err(e.into()),
+                Err(e) if e.is_retryable() => {
+                    self.check_unchanged(&row.path, file, identity)?;
+                    if e.kind == ErrorKind::Corrupt {
+                        warn!(part_number, error = %e, "part arrived damaged; sending it again");
+                    }
+                    self.pause(row, &mut backoff, &e, cancel).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Deletes local copies of rows that are stored but still on disk (after a crash between
+    /// the `uploaded` commit and the unlink, or a delete that failed).
+    pub async fn finish_pending_deletes(&self) -> Result<(), JournalError> {
+        if !self.delete_after_upload() {
+            return Ok(());
+        }
+        let rows = self
+            .journal
+            .read(|c| journal::in_state(c, State::Uploaded))
+            .await?;
+        for row in rows {
+            if let Some(identity) = row.identity {
+                self.delete_local(row.id, row.generation, &row.path, &identity)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_grows_for_huge_files() {
+        let p = 16 * MIB;
+        assert_eq!(part_size_for(0, p), p);
+        assert_eq!(part_size_for(100 * 1024 * MIB, p), p);
+        let huge = 1024 * 1024 * MIB; // 1 TiB
+        let ps = part_size_for(huge, p);
+        assert!(huge.div_ceil(ps) <= MAX_PARTS);
+        assert_eq!(ps % MIB, 0);
+        assert!(ps < p * 8);
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let d: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] < Duration::from_millis(100));
+        assert!(d[3] >= Duration::from_millis(400) && d[3] < Duration::from_millis(800));
+        for x in &d[6..] {
+            assert!(*x >= Duration::from_secs(1) && *x < Duration::from_secs(2));
+        }
+    }
+}

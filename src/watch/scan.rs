@@ -1,0 +1,113 @@
+//! A walk of the tree (or of one new subtree) under the root: the startup scan, the periodic
+//! reconcile scan and the scan after an inotify overflow all use it. Symbolic links are never
+//! followed; excluded directories are not entered.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use walkdir::WalkDir;
+
+use super::filter::Filter;
+use crate::fsutil::Identity;
+
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Regular files that match the filter, relative to the root.
+    pub files: Vec<(PathBuf, Identity)>,
+    /// Directories (not the root) with no entry at all.
+    pub empty_dirs: Vec<PathBuf>,
+    /// Directories seen, the root included.
+    pub dirs: usize,
+    /// Entries that could not be read.
+    pub errors: Vec<String>,
+}
+
+/// Walks `root/sub` (`sub` empty: the whole tree).
+pub fn scan(root: &Path, sub: &Path, filter: &Filter) -> ScanResult {
+    let mut out = ScanResult::default();
+    let start = root.join(sub);
+    if !sub.as_os_str().is_empty() && filter.dir_excluded(sub) {
+        return out;
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut parents: HashSet<PathBuf> = HashSet::new();
+    let walker = WalkDir::new(&start)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| {
+            if e.depth() == 0 || !e.file_type().is_dir() {
+                return true;
+            }
+            match e.path().strip_prefix(root) {
+                Ok(rel) => !filter.dir_excluded(rel),
+                Err(_) => false,
+            }
+        });
+    for entry in walker {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                out.errors.push(e.to_string());
+                continue;
+            }
+        };
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
+        if let Some(parent) = rel.parent() {
+            parents.insert(parent.to_path_buf());
+        }
+        let ft = entry.file_type();
+        if ft.is_dir() {
+            out.dirs += 1;
+            if !rel.as_os_str().is_empty() {
+                dirs.push(rel.to_path_buf());
+            }
+            continue;
+        }
+        if !ft.is_file() || !filter.file_matches_in_walk(rel) {
+            continue;
+        }
+        match entry.metadata() {
+            Ok(m) => out.files.push((rel.to_path_buf(), Identity::from_metadata(&m))),
+            Err(e) => out.errors.push(e.to_string()),
+        }
+    }
+    out.empty_dirs = dirs.into_iter().filter(|d| !parents.contains(d)).collect();
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use globset::{Glob, GlobSetBuilder};
+
+    #[test]
+    fn walks_without_following_links_or_entering_excluded_dirs() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("o.mp4"), b"o").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir_all(r.join("a/b")).unwrap();
+        std::fs::create_dir_all(r.join("empty")).unwrap();
+        std::fs::create_dir_all(r.join(".skip")).unwrap();
+        std::fs::write(r.join("a/b/x.mp4"), b"x").unwrap();
+        std::fs::write(r.join("a/y.tmp"), b"y").unwrap();
+        std::fs::write(r.join(".skip/z.mp4"), b"z").unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("o.mp4"), r.join("l.mp4")).unwrap();
+        let mut inc = GlobSetBuilder::new();
+        inc.add(Glob::new("**/*").unwrap());
+        let mut exc = GlobSetBuilder::new();
+        exc.add(Glob::new("**/.*").unwrap());
+        exc.add(Glob::new("**/*.tmp").unwrap());
+        let f = Filter::new(inc.build().unwrap(), exc.build().unwrap());
+        let res = scan(r, Path::new(""), &f);
+        let files: Vec<_> = res.files.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(files, vec![PathBuf::from("a/b/x.mp4")]);
+        assert_eq!(res.empty_dirs, vec![PathBuf::from("empty")]);
+        let res = scan(r, Path::new("a"), &f);
+        assert_eq!(res.files.len(), 1);
+    }
+}
