@@ -18,7 +18,12 @@ use crate::journal::{self, FileRow, State};
 )]
 pub struct Cli {
     /// Config file (TOML). Environment variables RECORD_OFFLOAD_SECTION__KEY override it.
-    #[arg(long, global = true, env = "RECORD_OFFLOAD_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "RECORD_OFFLOAD_CONFIG",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -267,7 +272,8 @@ fn status(
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&s).map_err(|e| journal::JournalError::Invalid(e.to_string()))?
+            serde_json::to_string_pretty(&s)
+                .map_err(|e| journal::JournalError::Invalid(e.to_string()))?
         );
         return Ok(());
     }
@@ -299,11 +305,12 @@ fn ls(
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&rows).map_err(|e| journal::JournalError::Invalid(e.to_string()))?
+            serde_json::to_string_pretty(&rows)
+                .map_err(|e| journal::JournalError::Invalid(e.to_string()))?
         );
         return Ok(());
     }
-    println!("{:>6} {:<10} {:>10}  {}", "ID", "STATE", "SIZE", "PATH");
+    println!("{:>6} {:<10} {:>10}  PATH", "ID", "STATE", "SIZE");
     for r in rows {
         println!(
             "{:>6} {:<10} {:>10}  {}{}",
@@ -323,7 +330,7 @@ fn ls(
 
 #[cfg(feature = "dev-server")]
 fn dev_s3(data: &std::path::Path, listen: std::net::SocketAddr, bucket: &str) -> ExitCode {
-    init_logging("info");
+    init_logging("warn");
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
@@ -350,7 +357,8 @@ fn dev_s3(data: &std::path::Path, listen: std::net::SocketAddr, bucket: &str) ->
 #[cfg(feature = "dev-server")]
 fn demo(dir: &std::path::Path, settle_secs: f64) -> ExitCode {
     use crate::devserver::{ACCESS_KEY, DevServer, SECRET_KEY};
-    init_logging("info");
+    // The in-process server's own log lines would only confuse a first look.
+    init_logging("info,s3s=off,s3s_fs=off");
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
@@ -365,10 +373,13 @@ fn demo(dir: &std::path::Path, settle_secs: f64) -> ExitCode {
         return fail(&format!("cannot create {}: {e}", record.display()), 1);
     }
     rt.block_on(async {
-        let server = match DevServer::start(&store_dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await {
-            Ok(s) => s,
-            Err(e) => return fail(&format!("cannot start the local S3 server: {e}"), 1),
-        };
+        let server =
+            match DevServer::start(&store_dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return fail(&format!("cannot start the local S3 server: {e}"), 1),
+            };
         if let Err(e) = server.create_bucket("recordings") {
             return fail(&format!("cannot create the bucket: {e}"), 1);
         }
@@ -401,20 +412,33 @@ retry_max_secs = 10
         if let Err(e) = std::fs::write(&config_path, toml) {
             return fail(&format!("cannot write {}: {e}", config_path.display()), 1);
         }
-        let settings = match config::load(&Source { file: Some(config_path.clone()), no_env: true }) {
+        let settings = match config::load(&Source {
+            file: Some(config_path.clone()),
+            no_env: true,
+        }) {
             Ok(s) => s,
             Err(e) => return fail(&e.to_string(), 1),
         };
         println!("record-offload demo");
         println!("  watching  {}", record.display());
-        println!("  bucket    {} (objects land in {}/recordings/demo/)", server.endpoint(), store_dir.display());
+        println!(
+            "  bucket    {} (objects land in {}/recordings/demo/)",
+            server.endpoint(),
+            store_dir.display()
+        );
         println!("  journal   {}", dir.join("journal.db").display());
         println!("  config    {}", config_path.display());
         println!();
-        println!("Copy a file in, e.g.  cp /etc/os-release {}/", record.display());
+        println!(
+            "Copy a file in, e.g.  cp /etc/os-release {}/",
+            record.display()
+        );
         println!("After {settle_secs} s of quiet it is uploaded, checked and deleted; see it with");
         println!("  ls {}/recordings/demo/", store_dir.display());
-        println!("  record-offload --config {} status      (from another terminal)", config_path.display());
+        println!(
+            "  record-offload --config {} status      (from another terminal)",
+            config_path.display()
+        );
         println!("Ctrl-C stops.");
         println!();
         match crate::daemon::run(settings, shutdown_signal()).await {

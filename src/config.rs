@@ -593,7 +593,8 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
     let lk = &config.lookup;
     let mut listen = Vec::new();
     for (i, l) in lk.listen.iter().enumerate() {
-        listen.push(parse_listen(l).map_err(|e| ConfigError::new(format!("lookup.listen[{i}]"), e))?);
+        listen
+            .push(parse_listen(l).map_err(|e| ConfigError::new(format!("lookup.listen[{i}]"), e))?);
     }
     if !lk.legacy_prefix.is_empty() && !lk.legacy_prefix.starts_with('/') {
         return Err(ConfigError::new(
@@ -611,8 +612,9 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         ));
     }
     if let Some(u) = &lk.public_url {
-        let parsed = url::Url::parse(u)
-            .map_err(|e| ConfigError::new("lookup.public_url", format!("not a URL ({e}): {u:?}")))?;
+        let parsed = url::Url::parse(u).map_err(|e| {
+            ConfigError::new("lookup.public_url", format!("not a URL ({e}): {u:?}"))
+        })?;
         if parsed.scheme() != "http" && parsed.scheme() != "https" {
             return Err(ConfigError::new(
                 "lookup.public_url",
@@ -773,7 +775,7 @@ mod tests {
     }
 
     fn err_of(toml: &str) -> ConfigError {
-        from_toml_str(toml).err().expect("expected an error")
+        from_toml_str(toml).expect_err("expected an error")
     }
 
     #[test]
@@ -808,7 +810,10 @@ mod tests {
             (ok("[upload]\nconcurrency = 0"), "upload.concurrency"),
             (ok("[upload]\nconcurrency = \"many\""), "upload.concurrency"),
             (ok("[lookup]\nlisten = [\"nope\"]"), "lookup.listen[0]"),
-            (ok("[lookup]\npresign_style = \"v9\""), "lookup.presign_style"),
+            (
+                ok("[lookup]\npresign_style = \"v9\""),
+                "lookup.presign_style",
+            ),
             (ok("[bogus]\nx = 1"), "bogus"),
             (
                 with(r, &j, "exclude = [\"a[\"]", creds, ""),
@@ -818,9 +823,18 @@ mod tests {
                 with(r, &j, "include = [\"**/*\", \"{a\"]", creds, ""),
                 "watch.include[1]",
             ),
-            (with(r, &j, "settle_secs = -1", creds, ""), "watch.settle_secs"),
             (
-                with(r, &j, "", "access_key_id = \"id\"\naccess_key_secret = \"s\"", ""),
+                with(r, &j, "settle_secs = -1", creds, ""),
+                "watch.settle_secs",
+            ),
+            (
+                with(
+                    r,
+                    &j,
+                    "",
+                    "access_key_id = \"id\"\naccess_key_secret = \"s\"",
+                    "",
+                ),
                 "storage.bucket",
             ),
             (
@@ -832,7 +846,13 @@ mod tests {
                 "storage.access_key_secret",
             ),
             (
-                with(r, &j, "", &format!("{creds}\nkey_template = \"{{node}}\""), ""),
+                with(
+                    r,
+                    &j,
+                    "",
+                    &format!("{creds}\nkey_template = \"{{node}}\""),
+                    "",
+                ),
                 "storage.key_template",
             ),
             (
@@ -865,7 +885,10 @@ mod tests {
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
         let toml = base(dir.path(), &dir.path().join("j.db")).replace(
             "access_key_secret = \"s\"",
-            &format!("access_key_secret_file = {:?}", secret.display().to_string()),
+            &format!(
+                "access_key_secret_file = {:?}",
+                secret.display().to_string()
+            ),
         );
         assert_eq!(err_of(&toml).key, "storage.access_key_secret_file");
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -63,10 +63,12 @@ impl Daemon {
         let settings = Arc::new(settings);
         let cfg = &settings.config;
         let journal = Journal::open(&cfg.journal.path)?;
-        let root = Arc::new(Root::open(&cfg.watch.root).map_err(|source| DaemonError::Root {
-            path: cfg.watch.root.clone(),
-            source,
-        })?);
+        let root = Arc::new(
+            Root::open(&cfg.watch.root).map_err(|source| DaemonError::Root {
+                path: cfg.watch.root.clone(),
+                source,
+            })?,
+        );
         let template =
             KeyTemplate::parse(&cfg.storage.key_template).map_err(DaemonError::KeyTemplate)?;
         let store = Store::new(&settings);
@@ -88,7 +90,9 @@ impl Daemon {
 
         // Recovery.
         uploader.finish_pending_deletes().await?;
-        let settling = journal.read(|c| journal::in_state(c, State::Settling)).await?;
+        let settling = journal
+            .read(|c| journal::in_state(c, State::Settling))
+            .await?;
         for row in settling {
             match root.stat(&row.path) {
                 Ok(_) => {
@@ -222,20 +226,40 @@ async fn intake(
                 for (s, key) in items {
                     let r = match key {
                         Ok(key) => {
-                            match journal::intake(c, &s.rel, &key, &s.identity, delete_after_upload)? {
+                            match journal::intake(
+                                c,
+                                &s.rel,
+                                &key,
+                                &s.identity,
+                                delete_after_upload,
+                            )? {
                                 Intake::KeyCollision { other } => {
                                     let msg = format!(
                                         "object key {key:?} is already used by {}",
                                         other.display()
                                     );
-                                    journal::intake_failed(c, &s.rel, "", &s.identity, &msg, journal::now_ms() + retry_wait)?;
+                                    journal::intake_failed(
+                                        c,
+                                        &s.rel,
+                                        "",
+                                        &s.identity,
+                                        &msg,
+                                        journal::now_ms() + retry_wait,
+                                    )?;
                                     Intake::Unchanged
                                 }
                                 other => other,
                             }
                         }
                         Err(msg) => {
-                            journal::intake_failed(c, &s.rel, "", &s.identity, &msg, journal::now_ms() + retry_wait)?;
+                            journal::intake_failed(
+                                c,
+                                &s.rel,
+                                "",
+                                &s.identity,
+                                &msg,
+                                journal::now_ms() + retry_wait,
+                            )?;
                             Intake::Unchanged
                         }
                     };
@@ -276,7 +300,9 @@ async fn abort_stray_uploads(store: Store, journal: Journal, prefix: String) {
     let listed = match store.list_multipart_uploads(&prefix).await {
         Ok(Some(l)) => l,
         Ok(None) => {
-            info!("the store cannot list multipart uploads; rely on a lifecycle rule for stray ones");
+            info!(
+                "the store cannot list multipart uploads; rely on a lifecycle rule for stray ones"
+            );
             return;
         }
         Err(e) => {
@@ -290,7 +316,12 @@ async fn abort_stray_uploads(store: Store, journal: Journal, prefix: String) {
     let known: HashSet<String> = match journal
         .read(|c| {
             let mut ids = HashSet::new();
-            for st in [State::Queued, State::Uploading, State::Failed, State::Settling] {
+            for st in [
+                State::Queued,
+                State::Uploading,
+                State::Failed,
+                State::Settling,
+            ] {
                 for row in journal::in_state(c, st)? {
                     if let Some(u) = row.upload_id {
                         ids.insert(u);
@@ -312,7 +343,9 @@ async fn abort_stray_uploads(store: Store, journal: Journal, prefix: String) {
             continue;
         }
         match store.abort_multipart(&key, &upload_id).await {
-            Ok(()) => info!(key = %key, upload_id = %upload_id, "aborted a multipart upload the journal does not know"),
+            Ok(()) => {
+                info!(key = %key, upload_id = %upload_id, "aborted a multipart upload the journal does not know")
+            }
             Err(e) => warn!(key = %key, error = %e, "cannot abort a stray multipart upload"),
         }
     }

@@ -27,6 +27,8 @@ pub struct Identity {
 }
 
 impl Identity {
+    // The stat field types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
     pub fn from_stat(st: &rustix::fs::Stat) -> Identity {
         Identity {
             dev: st.st_dev,
@@ -308,7 +310,8 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
         let root = Root::open(dir.path()).unwrap();
         assert!(matches!(
-            root.rmdir_if_idle(Path::new("a/b"), Duration::from_secs(3600)).unwrap(),
+            root.rmdir_if_idle(Path::new("a/b"), Duration::from_secs(3600))
+                .unwrap(),
             RmdirOutcome::TooRecent(_)
         ));
         assert_eq!(
@@ -316,7 +319,8 @@ mod tests {
             RmdirOutcome::NotEmpty
         );
         assert_eq!(
-            root.rmdir_if_idle(Path::new("a/b"), Duration::ZERO).unwrap(),
+            root.rmdir_if_idle(Path::new("a/b"), Duration::ZERO)
+                .unwrap(),
             RmdirOutcome::Removed
         );
         assert!(root.rmdir_if_idle(Path::new(""), Duration::ZERO).is_err());

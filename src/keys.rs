@@ -151,7 +151,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_templates() {
-        for bad in ["{node}", "{path}{path}", "{pth}", "{path", "a}{path}", "/{path}"] {
+        for bad in [
+            "{node}",
+            "{path}{path}",
+            "{pth}",
+            "{path",
+            "a}{path}",
+            "/{path}",
+        ] {
             assert!(KeyTemplate::parse(bad).is_err(), "{bad}");
         }
     }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::fsutil::{Kind, Root, RmdirOutcome};
+use crate::fsutil::{Kind, RmdirOutcome, Root};
 
 pub async fn run(
     root: Arc<Root>,
@@ -27,7 +27,9 @@ pub async fn run(
 ) {
     // Directory → when to look at it next.
     let mut due: HashMap<PathBuf, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(prune_after.max(Duration::from_millis(100))));
+    let mut tick = tokio::time::interval(
+        Duration::from_secs(1).min(prune_after.max(Duration::from_millis(100))),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation,
-    ResponseChecksumValidation, StalledStreamProtectionConfig,
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -86,15 +86,35 @@ pub fn classify(status: Option<u16>, code: Option<&str>) -> ErrorKind {
     match code {
         Some("NoSuchUpload") => return ErrorKind::NoSuchUpload,
         Some(
-            "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout"
-            | "RequestTimeTooSkewed" | "InternalError" | "ServiceUnavailable" | "BadDigest"
-            | "InvalidDigest" | "IncompleteBody" | "OperationAborted" | "RequestTimeoutException",
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestTimeout"
+            | "RequestTimeTooSkewed"
+            | "InternalError"
+            | "ServiceUnavailable"
+            | "BadDigest"
+            | "InvalidDigest"
+            | "IncompleteBody"
+            | "OperationAborted"
+            | "RequestTimeoutException",
         ) => return ErrorKind::Transient,
         Some(
-            "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "NoSuchBucket"
-            | "InvalidBucketName" | "AccountProblem" | "AllAccessDisabled" | "InvalidObjectState"
-            | "KeyTooLongError" | "EntityTooLarge" | "InvalidArgument" | "MethodNotAllowed"
-            | "NotImplemented" | "InvalidRequest" | "UserDisable",
+            "AccessDenied"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "NoSuchBucket"
+            | "InvalidBucketName"
+            | "AccountProblem"
+            | "AllAccessDisabled"
+            | "InvalidObjectState"
+            | "KeyTooLongError"
+            | "EntityTooLarge"
+            | "InvalidArgument"
+            | "MethodNotAllowed"
+            | "NotImplemented"
+            | "InvalidRequest"
+            | "UserDisable",
         ) => return ErrorKind::Permanent,
         _ => {}
     }
@@ -700,11 +720,23 @@ mod tests {
         assert_eq!(classify(Some(503), Some("SlowDown")), ErrorKind::Transient);
         assert_eq!(classify(Some(500), None), ErrorKind::Transient);
         assert_eq!(classify(Some(429), None), ErrorKind::Transient);
-        assert_eq!(classify(Some(403), Some("AccessDenied")), ErrorKind::Permanent);
-        assert_eq!(classify(Some(404), Some("NoSuchBucket")), ErrorKind::Permanent);
-        assert_eq!(classify(Some(404), Some("NoSuchUpload")), ErrorKind::NoSuchUpload);
+        assert_eq!(
+            classify(Some(403), Some("AccessDenied")),
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            classify(Some(404), Some("NoSuchBucket")),
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            classify(Some(404), Some("NoSuchUpload")),
+            ErrorKind::NoSuchUpload
+        );
         assert_eq!(classify(Some(400), Some("BadDigest")), ErrorKind::Transient);
-        assert_eq!(classify(Some(400), Some("RequestTimeout")), ErrorKind::Transient);
+        assert_eq!(
+            classify(Some(400), Some("RequestTimeout")),
+            ErrorKind::Transient
+        );
         assert_eq!(classify(Some(400), None), ErrorKind::Permanent);
         assert_eq!(classify(None, None), ErrorKind::Transient);
     }

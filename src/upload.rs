@@ -216,7 +216,8 @@ impl Uploader {
                                 let me = self.clone();
                                 let token = work_cancel.clone();
                                 let id = row.id;
-                                let handle = tasks.spawn(async move { me.process(row, token).await });
+                                let handle =
+                                    tasks.spawn(async move { me.process(row, token).await });
                                 task_rows.insert(handle.id(), id);
                             }
                         }
@@ -248,7 +249,11 @@ impl Uploader {
         // Drain.
         let drain = Duration::from_secs_f64(self.settings.config.upload.drain_secs);
         if !tasks.is_empty() {
-            info!(files = tasks.len(), drain_secs = drain.as_secs_f64(), "waiting for uploads in flight");
+            info!(
+                files = tasks.len(),
+                drain_secs = drain.as_secs_f64(),
+                "waiting for uploads in flight"
+            );
         }
         let deadline = tokio::time::Instant::now() + drain;
         while !tasks.is_empty() {
@@ -337,7 +342,9 @@ impl Uploader {
     }
 
     async fn mark_changed(&self, row: &FileRow) -> Result<(), JournalError> {
-        info!("file changed while it was being uploaded; it will be uploaded again once it settles");
+        info!(
+            "file changed while it was being uploaded; it will be uploaded again once it settles"
+        );
         self.abort_recorded_upload(row).await;
         let (id, generation) = (row.id, row.generation);
         self.journal
@@ -447,7 +454,11 @@ impl Uploader {
                 return Ok(Outcome::Failed(format!("cannot open the file: {e}")));
             }
             // A symbolic link (ELOOP), a directory, a device: not a recording any more.
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.kind() == std::io::ErrorKind::InvalidInput || e.raw_os_error() == Some(libc::ENOTDIR) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ELOOP)
+                    || e.kind() == std::io::ErrorKind::InvalidInput
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
                 return Err(TaskError::Gone);
             }
             Err(e) => return Err(TaskError::Io(format!("cannot open the file: {e}"))),
@@ -486,7 +497,11 @@ impl Uploader {
                         info.size, identity.size
                     )));
                 }
-                Ok(None) => return Ok(Outcome::Retry("stored object not found after upload".into())),
+                Ok(None) => {
+                    return Ok(Outcome::Retry(
+                        "stored object not found after upload".into(),
+                    ));
+                }
                 Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
                 Err(e) => return Err(e.into()),
             }
@@ -669,7 +684,9 @@ impl Uploader {
         if let Some(uid) = upload_id.clone() {
             let recorded = {
                 let uid = uid.clone();
-                self.journal.read(move |c| journal::parts(c, id, &uid)).await?
+                self.journal
+                    .read(move |c| journal::parts(c, id, &uid))
+                    .await?
             };
             let listed = loop {
                 match self.store.list_parts(&row.key, &uid).await {
@@ -777,7 +794,16 @@ impl Uploader {
             let cancel = cancel.clone();
             senders.spawn(async move {
                 me.send_part(
-                    &row, &file, &identity, &uid, part_number, offset, len, md5, permit, &cancel,
+                    &row,
+                    &file,
+                    &identity,
+                    &uid,
+                    part_number,
+                    offset,
+                    len,
+                    md5,
+                    permit,
+                    &cancel,
                 )
                 .await
             });

@@ -61,7 +61,9 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
-    #[error("journal {path} was written by a newer record-offload (schema {found}, this build knows {known})")]
+    #[error(
+        "journal {path} was written by a newer record-offload (schema {found}, this build knows {known})"
+    )]
     TooNew {
         path: PathBuf,
         found: i64,

@@ -381,7 +381,13 @@ pub fn start_upload(
                  part_size = ?4, bytes_sent = 0, updated_ms = ?5
              WHERE id = ?1 AND generation = ?2",
         )?
-        .execute(params![id, generation, upload_id, part_size as i64, now_ms()])?;
+        .execute(params![
+            id,
+            generation,
+            upload_id,
+            part_size as i64,
+            now_ms()
+        ])?;
     if upload_id.is_some() {
         conn.prepare_cached("DELETE FROM parts WHERE file_id = ?1")?
             .execute([id])?;
@@ -411,7 +417,13 @@ pub fn record_part(
             "UPDATE files SET bytes_sent = bytes_sent + ?4, updated_ms = ?5
              WHERE id = ?1 AND generation = ?2 AND upload_id = ?3",
         )?
-        .execute(params![id, generation, upload_id, part.size as i64, now_ms()])?;
+        .execute(params![
+            id,
+            generation,
+            upload_id,
+            part.size as i64,
+            now_ms()
+        ])?;
     expect_one(n, "record_part")?;
     conn.prepare_cached(
         "INSERT OR REPLACE INTO parts (file_id, upload_id, part_number, offset, size, md5, etag)
@@ -450,8 +462,10 @@ pub fn parts(conn: &Connection, id: i64, upload_id: &str) -> Result<Vec<PartRow>
 
 /// Forgets a multipart upload (completed or aborted).
 pub fn clear_upload(conn: &Connection, id: i64) -> Result<(), JournalError> {
-    conn.prepare_cached("UPDATE files SET upload_id = NULL, upload_generation = NULL WHERE id = ?1")?
-        .execute([id])?;
+    conn.prepare_cached(
+        "UPDATE files SET upload_id = NULL, upload_generation = NULL WHERE id = ?1",
+    )?
+    .execute([id])?;
     conn.prepare_cached("DELETE FROM parts WHERE file_id = ?1")?
         .execute([id])?;
     Ok(())
@@ -614,10 +628,15 @@ pub fn summary(conn: &Connection) -> Result<Summary, JournalError> {
         s.counts.insert(st.as_str().to_string(), 0);
         s.bytes.insert(st.as_str().to_string(), 0);
     }
-    let mut stmt = conn
-        .prepare_cached("SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state",
+    )?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
     })?;
     for row in rows {
         let (state, n, bytes) = row?;
@@ -664,7 +683,7 @@ pub fn summary(conn: &Connection) -> Result<Summary, JournalError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::journal::open_rw;
@@ -687,7 +706,10 @@ mod tests {
         let Intake::Queued { id } = intake(&conn, rel, "n/a/b.mp4", &id1, true).unwrap() else {
             panic!("expected queued")
         };
-        assert_eq!(intake(&conn, rel, "n/a/b.mp4", &id1, true).unwrap(), Intake::Unchanged);
+        assert_eq!(
+            intake(&conn, rel, "n/a/b.mp4", &id1, true).unwrap(),
+            Intake::Unchanged
+        );
         let row = get(&conn, id).unwrap().unwrap();
         assert_eq!(row.state, State::Queued);
         start_upload(&conn, id, row.generation, Some("up1"), 5).unwrap();

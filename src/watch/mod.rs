@@ -421,14 +421,17 @@ impl Settler {
         if candidates.is_empty() {
             return Ok(());
         }
-        let targets: HashSet<(u64, u64)> = candidates.iter().map(|(_, id)| (id.dev, id.ino)).collect();
+        let targets: HashSet<(u64, u64)> =
+            candidates.iter().map(|(_, id)| (id.dev, id.ino)).collect();
         let scan = tokio::task::spawn_blocking(move || writers::open_for_write(&targets))
             .await
             .unwrap_or_default();
         if scan.unreadable > 0 && !self.unreadable_warned {
             self.unreadable_warned = true;
-            warn!(processes = scan.unreadable,
-                "cannot read the open files of some processes; a file they hold open for writing may be taken as finished (grant CAP_SYS_PTRACE or run as the recorder's user)");
+            warn!(
+                processes = scan.unreadable,
+                "cannot read the open files of some processes; a file they hold open for writing may be taken as finished (grant CAP_SYS_PTRACE or run as the recorder's user)"
+            );
         }
         for (rel, id) in candidates {
             if scan.open.contains(&(id.dev, id.ino)) {
@@ -444,7 +447,9 @@ impl Settler {
             self.pending.remove(&rel);
             self.stats.settled.fetch_add(1, Ordering::Relaxed);
             debug!(path = %rel.display(), size = id.size, "settled");
-            out.send(Settled { rel, identity: id }).await.map_err(|_| ())?;
+            out.send(Settled { rel, identity: id })
+                .await
+                .map_err(|_| ())?;
         }
         Ok(())
     }

@@ -69,7 +69,9 @@ pub fn scan(root: &Path, sub: &Path, filter: &Filter) -> ScanResult {
             continue;
         }
         match entry.metadata() {
-            Ok(m) => out.files.push((rel.to_path_buf(), Identity::from_metadata(&m))),
+            Ok(m) => out
+                .files
+                .push((rel.to_path_buf(), Identity::from_metadata(&m))),
             Err(e) => out.errors.push(e.to_string()),
         }
     }

@@ -35,7 +35,10 @@ fn open_for_write_in(proc_root: &Path, targets: &HashSet<(u64, u64)>) -> Scan {
     };
     for proc_entry in procs.flatten() {
         let name = proc_entry.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let fd_dir = proc_root.join(pid).join("fd");
@@ -61,10 +64,7 @@ fn open_for_write_in(proc_root: &Path, targets: &HashSet<(u64, u64)>) -> Scan {
             if !targets.contains(&(meta.dev(), meta.ino())) {
                 continue;
             }
-            let info = proc_root
-                .join(pid)
-                .join("fdinfo")
-                .join(fd.file_name());
+            let info = proc_root.join(pid).join("fdinfo").join(fd.file_name());
             if writable_fd(&info) {
                 scan.open.insert((meta.dev(), meta.ino()));
             }
