@@ -1,3 +1,6 @@
+//! Shared test support: the environment harness and the fault-injecting proxy.
+
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod harness;
+pub mod proxy;
