@@ -62,6 +62,10 @@ pub enum Fault {
     /// Forward, limiting the request body rate upstream to this many bytes per second
     /// (per connection).
     Throttle { bytes_per_sec: u64 },
+    /// Forward, but flip the bits of the first body byte of every `every`-th request that
+    /// has a body (counted since this fault was set): the server stores damaged bytes, as
+    /// a faulty network path or disk would make it.
+    CorruptRequestBody { every: u32 },
 }
 
 /// Counters since the proxy started.
@@ -235,6 +239,7 @@ struct ForwardPlan {
     cut_after: Option<u64>,
     delay: Option<Duration>,
     throttle: Option<u64>,
+    corrupt: bool,
 }
 
 impl Shared {
@@ -299,6 +304,16 @@ impl Shared {
                 throttle: Some(bytes_per_sec.max(1)),
                 ..ForwardPlan::default()
             }),
+            Fault::CorruptRequestBody { every } => {
+                let has_body = matches!(body, Body::Length(n) if n > 0);
+                if has_body {
+                    state.status_seen += 1;
+                }
+                Plan::Forward(ForwardPlan {
+                    corrupt: has_body && state.status_seen.is_multiple_of(u64::from(every.max(1))),
+                    ..ForwardPlan::default()
+                })
+            }
         }
     }
 }
@@ -562,6 +577,7 @@ where
         cut_after: plan.cut_after,
         throttle: plan.throttle,
         started: Instant::now(),
+        corrupt: plan.corrupt,
     };
     if pump.cut_reached() {
         pump.to.flush().await?;
@@ -615,6 +631,8 @@ struct Pump<'a, W> {
     cut_after: Option<u64>,
     throttle: Option<u64>,
     started: Instant,
+    /// Flip the next body byte written.
+    corrupt: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Pump<'_, W> {
@@ -627,6 +645,13 @@ impl<W: AsyncWrite + Unpin> Pump<'_, W> {
         if let Some(cut) = self.cut_after {
             let room = usize::try_from(cut.saturating_sub(self.sent)).unwrap_or(usize::MAX);
             data = &data[..data.len().min(room)];
+        }
+        if self.corrupt && !data.is_empty() {
+            self.corrupt = false;
+            self.to.write_all(&[!data[0]]).await?;
+            self.sent += 1;
+            bump(self.counter, 1);
+            data = &data[1..];
         }
         while !data.is_empty() {
             let piece = match self.throttle {
