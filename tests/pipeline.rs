@@ -170,7 +170,9 @@ async fn excluded_and_symlinked_files_are_never_uploaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_written_in_rounds_is_uploaded_once_complete() {
     let env = Env::new().await;
-    let d = env.start(env.config(|c| c.watch.settle_secs = 1.0)).await;
+    // Pauses far shorter than the settle time, so a slow test machine cannot make the file
+    // look finished between rounds.
+    let d = env.start(env.config(|c| c.watch.settle_secs = 2.0)).await;
     let path = env.root.join("rounds.mp4");
     let mut expect = Vec::new();
     for round in 0..5 {
@@ -183,7 +185,7 @@ async fn file_written_in_rounds_is_uploaded_once_complete() {
         f.write_all(&chunk).unwrap();
         drop(f); // close_write
         expect.extend_from_slice(&chunk);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(env.row("rounds.mp4").is_none(), "taken before it settled");
     }
     let row = env.wait_state("rounds.mp4", State::Deleted, T).await;

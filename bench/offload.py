@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: record-offload against a local S3-compatible server.
+
+For each case it starts the local server (`record-offload dev-s3`, s3s-fs) in its own process,
+fills a watch directory, starts the daemon on it, waits until the journal says every file is
+stored and deleted, stops the daemon with SIGTERM and prints files, bytes, wall seconds, MiB/s,
+the daemon's CPU seconds and peak RSS (from wait4's rusage of the daemon process alone; the
+server's CPU is not counted), and the settle-to-deleted latency (p50/p99 over the files).
+
+The files are written before the daemon starts, with an old mtime, so the startup scan finds
+them settled; the wall time runs from the daemon's start to the last file deleted.
+
+    bench/offload.py                      # both cases: 8 x 256 MiB and 2000 x 256 KiB
+    bench/offload.py --case small --runs 3
+    bench/offload.py --data-dir /dev/shm/ro-bench --journal-dir /var/tmp/ro-bench
+
+Data (watch root and the server's store) goes to tmpfs by default so the disk is not what is
+measured; the journal goes to a real disk (--journal-dir) because its fsyncs are part of the
+cost. Only 127.0.0.1 is used.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCESS_KEY = "record-offload-dev"
+SECRET_KEY = "record-offload-dev-secret"
+MIB = 1024 * 1024
+
+CASES = {
+    "big": (8, 256 * MIB),
+    "small": (2000, 256 * 1024),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server on port {port} did not come up")
+
+
+def build(binary):
+    if binary:
+        return binary
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    return os.path.join(ROOT, "target", "release", "record-offload")
+
+
+def make_files(root, count, size):
+    os.makedirs(root, exist_ok=True)
+    old = time.time() - 3600
+    chunk = os.urandom(min(size, 4 * MIB))
+    for i in range(count):
+        sub = os.path.join(root, f"room{i % 50:02d}")
+        os.makedirs(sub, exist_ok=True)
+        path = os.path.join(sub, f"rec{i:05d}.mp4")
+        with open(path, "wb") as f:
+            left = size
+            # Different bytes per file: a per-file prefix, then the shared random chunk.
+            f.write(i.to_bytes(8, "little"))
+            left -= 8
+            while left > 0:
+                n = min(left, len(chunk))
+                f.write(chunk[:n])
+                left -= n
+        os.utime(path, (old, old))
+
+
+def config(path, root, journal, endpoint, args):
+    with open(path, "w") as f:
+        f.write(f"""
+[node]
+name = "bench"
+[watch]
+root = {json.dumps(root)}
+settle_secs = 1
+rescan_interval_secs = 3600
+[journal]
+path = {json.dumps(journal)}
+[storage]
+endpoint = "{endpoint}"
+region = "us-east-1"
+bucket = "recordings"
+access_key_id = "{ACCESS_KEY}"
+access_key_secret = "{SECRET_KEY}"
+path_style = true
+[upload]
+part_size_mib = {args.part_size_mib}
+concurrency = {args.concurrency}
+[log]
+level = "warn"
+""")
+
+
+def deleted_count(journal):
+    try:
+        con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM files WHERE state = 'deleted'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def latencies(journal):
+    con = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT deleted_ms - queued_ms FROM files WHERE state = 'deleted'").fetchall()
+    finally:
+        con.close()
+    return sorted(r[0] / 1000.0 for r in rows)
+
+
+def pct(sorted_vals, p):
+    if not sorted_vals:
+        return float("nan")
+    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100.0 * (len(sorted_vals) - 1)))))
+    return sorted_vals[k]
+
+
+def run_case(binary, name, count, size, args):
+    data = os.path.join(args.data_dir, name)
+    jdir = os.path.join(args.journal_dir, name)
+    for d in (data, jdir):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    root = os.path.join(data, "record")
+    store = os.path.join(data, "store")
+    journal = os.path.join(jdir, "journal.db")
+    make_files(root, count, size)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "dev-s3", "--data", store, "--listen", f"127.0.0.1:{port}", "--bucket", "recordings"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        cfg = os.path.join(jdir, "config.toml")
+        config(cfg, root, journal, f"http://127.0.0.1:{port}", args)
+        env = dict(os.environ)
+        env.pop("RUST_LOG", None)
+        t0 = time.monotonic()
+        daemon = subprocess.Popen([binary, "run", "--config", cfg], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = t0 + args.timeout
+        while deleted_count(journal) < count:
+            if daemon.poll() is not None:
+                raise SystemExit(f"daemon exited early: {daemon.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                daemon.kill()
+                raise SystemExit(f"{name}: not done within {args.timeout} s")
+            time.sleep(0.02)
+        wall = time.monotonic() - t0
+        daemon.send_signal(signal.SIGTERM)
+        _, status, ru = os.wait4(daemon.pid, 0)
+        daemon.returncode = os.waitstatus_to_exitcode(status)
+        lat = latencies(journal)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)
+    left = sum(len(files) for _, _, files in os.walk(root))
+    total = count * size
+    result = {
+        "case": name,
+        "files": count,
+        "bytes": total,
+        "wall_s": wall,
+        "mib_s": total / MIB / wall,
+        "files_s": count / wall,
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "peak_rss_mib": ru.ru_maxrss / 1024.0,
+        "lat_p50_s": pct(lat, 50),
+        "lat_p99_s": pct(lat, 99),
+        "exit": daemon.returncode,
+        "left_on_disk": left,
+    }
+    if not args.keep:
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(jdir, ignore_errors=True)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=["big", "small", "all"], default="all")
+    ap.add_argument("--runs", type=int, default=1, help="runs per case; medians are printed")
+    ap.add_argument("--data-dir", default="/dev/shm/record-offload-bench")
+    ap.add_argument("--journal-dir", default="/var/tmp/record-offload-bench")
+    ap.add_argument("--binary", help="use this record-offload binary instead of building one")
+    ap.add_argument("--part-size-mib", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    args = ap.parse_args()
+
+    binary = build(args.binary)
+    cases = ["big", "small"] if args.case == "all" else [args.case]
+    cols = ["case", "files", "bytes", "wall_s", "mib_s", "files_s", "cpu_s", "peak_rss_mib",
+            "lat_p50_s", "lat_p99_s", "exit", "left_on_disk"]
+    if not args.json:
+        print(" ".join(f"{c:>12}" for c in cols))
+    for name in cases:
+        count, size = CASES[name]
+        runs = [run_case(binary, name, count, size, args) for _ in range(args.runs)]
+        for r in runs:
+            r["run"] = runs.index(r) + 1
+        med = {c: (statistics.median(r[c] for r in runs) if isinstance(runs[0][c], (int, float)) else runs[0][c]) for c in cols}
+        med["case"] = name if args.runs == 1 else f"{name}(med{args.runs})"
+        if args.json:
+            for r in runs:
+                print(json.dumps(r))
+        else:
+            for r in (runs if args.runs > 1 else []):
+                print(" ".join(f"{fmt(r[c]):>12}" for c in cols))
+            print(" ".join(f"{fmt(med[c]):>12}" for c in cols))
+        sys.stdout.flush()
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()
