@@ -140,7 +140,21 @@ def pct(sorted_vals, p):
     return sorted_vals[k]
 
 
-def run_case(binary, name, count, size, args):
+def rclone_env(port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.startswith("RCLONE_")}
+    env.update({
+        "RCLONE_CONFIG": "/dev/null",
+        "RCLONE_CONFIG_BENCH_TYPE": "s3",
+        "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+        "RCLONE_CONFIG_BENCH_ENDPOINT": f"http://127.0.0.1:{port}",
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": ACCESS_KEY,
+        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET_KEY,
+        "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+    })
+    return env
+
+
+def run_case(binary, name, count, size, args, tool="record-offload"):
     data = os.path.join(args.data_dir, name)
     jdir = os.path.join(args.journal_dir, name)
     for d in (data, jdir):
@@ -157,6 +171,17 @@ def run_case(binary, name, count, size, args):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        if tool == "rclone":
+            t0 = time.monotonic()
+            proc = subprocess.Popen(["rclone", "move", root, "bench:recordings/bench"],
+                                    env=rclone_env(port), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            _, status, ru = os.wait4(proc.pid, 0)
+            wall = time.monotonic() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise SystemExit(f"rclone failed: {proc.stderr.read().decode()[-2000:]}")
+            return finish(name, tool, count, size, wall, ru, [], proc.returncode, root, data, jdir, args)
         cfg = os.path.join(jdir, "config.toml")
         config(cfg, root, journal, f"http://127.0.0.1:{port}", args)
         env = dict(os.environ)
@@ -180,9 +205,14 @@ def run_case(binary, name, count, size, args):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)
+    return finish(name, tool, count, size, wall, ru, lat, daemon.returncode, root, data, jdir, args)
+
+
+def finish(name, tool, count, size, wall, ru, lat, code, root, data, jdir, args):
     left = sum(len(files) for _, _, files in os.walk(root))
     total = count * size
     result = {
+        "tool": tool,
         "case": name,
         "files": count,
         "bytes": total,
@@ -193,7 +223,7 @@ def run_case(binary, name, count, size, args):
         "peak_rss_mib": ru.ru_maxrss / 1024.0,
         "lat_p50_s": pct(lat, 50),
         "lat_p99_s": pct(lat, 99),
-        "exit": daemon.returncode,
+        "exit": code,
         "left_on_disk": left,
     }
     if not args.keep:
@@ -214,28 +244,43 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ap.add_argument("--rclone", action="store_true",
+                    help="also run `rclone move` (default flags) on the same files and server, "
+                         "alternating with record-offload, and print the ratios")
     args = ap.parse_args()
 
     binary = build(args.binary)
     cases = ["big", "small"] if args.case == "all" else [args.case]
-    cols = ["case", "files", "bytes", "wall_s", "mib_s", "files_s", "cpu_s", "peak_rss_mib",
-            "lat_p50_s", "lat_p99_s", "exit", "left_on_disk"]
+    tools = ["record-offload", "rclone"] if args.rclone else ["record-offload"]
+    cols = ["tool", "case", "files", "bytes", "wall_s", "mib_s", "files_s", "cpu_s",
+            "peak_rss_mib", "lat_p50_s", "lat_p99_s", "exit", "left_on_disk"]
     if not args.json:
-        print(" ".join(f"{c:>12}" for c in cols))
+        print(" ".join(f"{c:>14}" for c in cols))
     for name in cases:
         count, size = CASES[name]
-        runs = [run_case(binary, name, count, size, args) for _ in range(args.runs)]
-        for r in runs:
-            r["run"] = runs.index(r) + 1
-        med = {c: (statistics.median(r[c] for r in runs) if isinstance(runs[0][c], (int, float)) else runs[0][c]) for c in cols}
-        med["case"] = name if args.runs == 1 else f"{name}(med{args.runs})"
-        if args.json:
-            for r in runs:
-                print(json.dumps(r))
-        else:
-            for r in (runs if args.runs > 1 else []):
-                print(" ".join(f"{fmt(r[c]):>12}" for c in cols))
-            print(" ".join(f"{fmt(med[c]):>12}" for c in cols))
+        runs = {t: [] for t in tools}
+        for _ in range(args.runs):
+            # Alternate the tools so drift of the machine affects both alike.
+            for t in tools:
+                r = run_case(binary, name, count, size, args, t)
+                runs[t].append(r)
+                if args.json:
+                    print(json.dumps(r))
+                elif args.runs > 1:
+                    print(" ".join(f"{fmt(r[c]):>14}" for c in cols))
+                sys.stdout.flush()
+        med = {}
+        for t in tools:
+            m = {c: (statistics.median(r[c] for r in runs[t]) if isinstance(runs[t][0][c], (int, float)) else runs[t][0][c]) for c in cols}
+            m["case"] = name if args.runs == 1 else f"{name}(med)"
+            med[t] = m
+            if not args.json:
+                print(" ".join(f"{fmt(m[c]):>14}" for c in cols))
+        if args.rclone:
+            a, b = med["record-offload"], med["rclone"]
+            print(f"ratio record-offload/rclone [{name}]: MiB/s {a['mib_s'] / b['mib_s']:.2f}x, "
+                  f"files/s {a['files_s'] / b['files_s']:.2f}x, CPU s {a['cpu_s'] / b['cpu_s']:.2f}x, "
+                  f"peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
         sys.stdout.flush()
 
 

@@ -11,6 +11,7 @@
 //! - [`prune`]: removes directories that deletions emptied, once they stayed idle.
 //! - [`fsutil`]: file-system access confined to the watch root (no symlinks, no `..`).
 //! - [`keys`]: object keys from `storage.key_template`.
+//! - [`md5pair`]: the MD5 of a part and of the whole file in one pass.
 //! - [`daemon`]: wires the stages together, recovery at start, graceful shutdown.
 //! - [`cli`]: the `record-offload` command line.
 //! - `devserver` (feature `dev-server`): a local S3-compatible server for the demo, tests and
@@ -24,6 +25,7 @@ pub mod devserver;
 pub mod fsutil;
 pub mod journal;
 pub mod keys;
+pub mod md5pair;
 pub mod prune;
 pub mod store;
 pub mod upload;

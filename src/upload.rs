@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
 use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -46,11 +45,14 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Settings;
 use crate::fsutil::{Identity, Root, UnlinkOutcome};
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
+use crate::md5pair::Md5Pair;
 use crate::store::{ErrorKind, FileRange, Store, StoreError};
 
 /// S3 and OSS allow at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
 const MIB: u64 = 1024 * 1024;
+/// Read size while hashing.
+const HASH_CHUNK: u64 = 1024 * 1024;
 
 /// The part size for a file: the configured size, grown (in whole MiB) so that the file fits
 /// in [`MAX_PARTS`] parts.
@@ -583,17 +585,17 @@ impl Uploader {
         }
     }
 
-    /// Hashes `len` bytes at `offset`, feeding `whole` too; checks the bytes are all there.
+    /// Hashes `len` bytes at `offset` as one part of `pair` (which also keeps the whole
+    /// file's MD5); checks the bytes are all there. Returns the part's MD5.
     async fn hash_range(
         file: &Arc<File>,
         offset: u64,
         len: u64,
-        mut whole: Option<Md5>,
-    ) -> Result<([u8; 16], Option<Md5>), TaskError> {
+        mut pair: Md5Pair,
+    ) -> Result<([u8; 16], Md5Pair), TaskError> {
         let file = file.clone();
         tokio::task::spawn_blocking(move || {
-            let mut part = Md5::new();
-            let mut buf = vec![0u8; (len.min(1 << 20)) as usize];
+            let mut buf = vec![0u8; (len.min(HASH_CHUNK)) as usize];
             let mut pos = offset;
             let end = offset + len;
             while pos < end {
@@ -603,13 +605,10 @@ impl Uploader {
                 if got < n {
                     return Err(TaskError::Changed);
                 }
-                part.update(&buf[..n]);
-                if let Some(w) = whole.as_mut() {
-                    w.update(&buf[..n]);
-                }
+                pair.update(&buf[..n]);
                 pos += n as u64;
             }
-            Ok((part.finalize().into(), whole))
+            Ok((pair.finish_part(), pair))
         })
         .await
         .map_err(|e| TaskError::Io(e.to_string()))?
@@ -625,7 +624,7 @@ impl Uploader {
     ) -> Result<String, TaskError> {
         let mut backoff = self.backoff();
         let permit = self.acquire(cancel).await?;
-        let (md5, _) = Self::hash_range(file, 0, identity.size, None).await?;
+        let (md5, _) = Self::hash_range(file, 0, identity.size, Md5Pair::new()).await?;
         let mut permit = Some(permit);
         let metadata = [("md5", hex::encode(md5))];
         loop {
@@ -755,7 +754,7 @@ impl Uploader {
         };
 
         // Read parts in order (hashing them and the whole file), send them concurrently.
-        let mut whole = Some(Md5::new());
+        let mut pair = Some(Md5Pair::new());
         let mut senders: JoinSet<Result<PartRow, TaskError>> = JoinSet::new();
         let mut failure: Option<TaskError> = None;
         for n in 1..=n_parts {
@@ -776,8 +775,11 @@ impl Uploader {
             let len = part_size.min(size - offset);
             let part_number = n as i32;
             let permit = self.acquire(cancel).await?;
-            let (md5, w) = Self::hash_range(file, offset, len, whole.take()).await?;
-            whole = w;
+            let Some(p) = pair.take() else {
+                return Err(TaskError::Io("hash state lost".into()));
+            };
+            let (md5, p) = Self::hash_range(file, offset, len, p).await?;
+            pair = Some(p);
             if let Some(p) = done.get(&part_number) {
                 if p.md5 == hex::encode(md5) && p.size == len {
                     drop(permit);
@@ -824,7 +826,9 @@ impl Uploader {
         if let Some(e) = failure {
             return Err(e);
         }
-        let md5_hex = whole.map(|w| hex::encode(w.finalize())).unwrap_or_default();
+        let md5_hex = pair
+            .map(|p| hex::encode(p.finish_whole()))
+            .unwrap_or_default();
 
         let mut parts: Vec<(i32, String)> = done
             .values()

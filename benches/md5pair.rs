@@ -1,0 +1,72 @@
+//! Hashing cost per GiB: the `md-5` crate, this crate's single MD5, and the part + whole pair
+//! in one pass (what a multipart upload needs). Prints MB/s and CPU seconds per GiB.
+//!
+//!     cargo bench --bench md5pair
+
+use std::time::Instant;
+
+use md5::{Digest, Md5};
+use record_offload::md5pair::{Md5Pair, md5};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+fn time(name: &str, bytes: usize, runs: usize, mut f: impl FnMut() -> [u8; 16]) {
+    let mut secs = Vec::new();
+    let mut sink = 0u8;
+    for _ in 0..runs {
+        let t = Instant::now();
+        sink ^= f()[0];
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    secs.sort_by(|a, b| a.total_cmp(b));
+    let med = secs[secs.len() / 2];
+    println!(
+        "{name:<34} {:>8.1} MB/s {:>6.2} s/GiB  (median of {runs}; {sink})",
+        bytes as f64 / med / 1e6,
+        med * GIB / bytes as f64
+    );
+}
+
+fn main() {
+    let len = 256 * 1024 * 1024;
+    let mut data = vec![0u8; len];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let part = 16 * 1024 * 1024;
+    let chunk = 1024 * 1024;
+    time("md-5 crate, one digest", len, 5, || {
+        Md5::digest(&data).into()
+    });
+    time("md5pair single, one digest", len, 5, || md5(&data));
+    time("md-5 crate, part + whole (2 pass)", len, 5, || {
+        let mut whole = Md5::new();
+        let mut last = [0u8; 16];
+        for p in data.chunks(part) {
+            let mut h = Md5::new();
+            for c in p.chunks(chunk) {
+                h.update(c);
+                whole.update(c);
+            }
+            last = h.finalize().into();
+        }
+        let w: [u8; 16] = whole.finalize().into();
+        [w[0] ^ last[0]; 16]
+    });
+    time("md5pair, part + whole (1 pass)", len, 5, || {
+        let mut pair = Md5Pair::new();
+        let mut last = [0u8; 16];
+        for p in data.chunks(part) {
+            for c in p.chunks(chunk) {
+                pair.update(c);
+            }
+            last = pair.finish_part();
+        }
+        let w = pair.finish_whole();
+        [w[0] ^ last[0]; 16]
+    });
+}
