@@ -319,8 +319,9 @@ pub fn load_unvalidated(source: &Source) -> Result<Config, ConfigError> {
         figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .split("__")
-                // The config file's own location is passed this way; it is not a config key.
-                .ignore(&["config"]),
+                // The config file's location and the crash tests' failpoints are passed this
+                // way; they are not config keys.
+                .ignore(&["config", "failpoints"]),
         );
     }
     figment.extract::<Config>().map_err(from_figment)

@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "dev-server")]
 pub mod devserver;
+pub mod failpoint;
 pub mod fsutil;
 pub mod journal;
 pub mod keys;

@@ -62,6 +62,19 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
     configured.max(needed)
 }
 
+/// User metadata naming the exact file version an object was made from:
+/// `generation:dev:inode:size:mtime_ns`. After a crash between completing an upload and
+/// recording it, a HEAD that shows this (and the right size) proves the object is already
+/// this file, so it is not uploaded again.
+pub const SOURCE_META: &str = "ro-source";
+
+fn source_tag(generation: i64, id: &Identity) -> String {
+    format!(
+        "{generation}:{}:{}:{}:{}",
+        id.dev, id.ino, id.size, id.mtime_ns
+    )
+}
+
 /// Counters for status, metrics and liveness.
 #[derive(Debug, Default)]
 pub struct UploadStats {
@@ -524,6 +537,7 @@ impl Uploader {
                 })
                 .await?;
         }
+        crate::failpoint::hit("after-uploaded");
         self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
         info!(
             bytes = identity.size,
@@ -559,6 +573,7 @@ impl Uploader {
         };
         match outcome {
             UnlinkOutcome::Removed | UnlinkOutcome::Gone => {
+                crate::failpoint::hit("after-unlink");
                 let res = self
                     .journal
                     .write(Durability::Normal, move |c| {
@@ -626,7 +641,10 @@ impl Uploader {
         let permit = self.acquire(cancel).await?;
         let (md5, _) = Self::hash_range(file, 0, identity.size, Md5Pair::new()).await?;
         let mut permit = Some(permit);
-        let metadata = [("md5", hex::encode(md5))];
+        let metadata = [
+            ("md5", hex::encode(md5)),
+            (SOURCE_META, source_tag(row.generation, identity)),
+        ];
         loop {
             let held = match permit.take() {
                 Some(p) => p,
@@ -680,6 +698,16 @@ impl Uploader {
             }
             _ => None,
         };
+        if upload_id.is_some()
+            && self
+                .already_stored(row, identity, &mut backoff, cancel)
+                .await?
+        {
+            // Completed before a crash, not recorded: only the MD5 is missing.
+            info!("multipart upload was completed before a restart; not sending it again");
+            let (_, pair) = Self::hash_range(file, 0, size, Md5Pair::new()).await?;
+            return Ok(hex::encode(pair.finish_whole()));
+        }
         if let Some(uid) = upload_id.clone() {
             let recorded = {
                 let uid = uid.clone();
@@ -697,6 +725,9 @@ impl Uploader {
                     Err(e) => return Err(e.into()),
                 }
             };
+            // s3s-fs answers an aborted upload with an empty list: with parts recorded, an
+            // empty list means the upload is gone.
+            let listed = listed.filter(|l| !l.is_empty() || recorded.is_empty());
             match listed {
                 Some(listed) => {
                     let listed: HashMap<i32, _> =
@@ -713,6 +744,9 @@ impl Uploader {
                 }
                 None => {
                     info!(upload_id = %uid, "multipart upload is gone; starting again");
+                    if let Err(e) = self.store.abort_multipart(&row.key, &uid).await {
+                        debug!(error = %e, "abort of a vanished upload failed");
+                    }
                     self.journal
                         .write(Durability::Normal, move |c| journal::clear_upload(c, id))
                         .await?;
@@ -729,7 +763,8 @@ impl Uploader {
             Some(u) => u,
             None => {
                 let uid = loop {
-                    match self.store.create_multipart(&row.key, &[]).await {
+                    let meta = [(SOURCE_META, source_tag(generation, identity))];
+                    match self.store.create_multipart(&row.key, &meta).await {
                         Ok(u) => break u,
                         Err(e) if e.is_retryable() => {
                             self.pause(row, &mut backoff, &e, cancel).await?
@@ -737,6 +772,7 @@ impl Uploader {
                         Err(e) => return Err(e.into()),
                     }
                 };
+                crate::failpoint::hit("after-create");
                 // Committed before the first part is sent, so the upload is never unknown.
                 let u = uid.clone();
                 let res = self
@@ -849,10 +885,12 @@ impl Uploader {
             {
                 Ok(_) => break,
                 Err(e) if e.kind == ErrorKind::NoSuchUpload => {
-                    // Completed by an attempt whose answer was lost, or gone: the HEAD that
-                    // follows decides; if the object is not right, start over.
-                    let info = self.store.head(&row.key).await?;
-                    if info.is_some_and(|i| i.size == size) {
+                    // Completed by an attempt whose answer was lost, or gone: if the object is
+                    // not this file, start over.
+                    if self
+                        .already_stored(row, identity, &mut backoff, cancel)
+                        .await?
+                    {
                         break;
                     }
                     self.journal
@@ -864,7 +902,32 @@ impl Uploader {
                 Err(e) => return Err(e.into()),
             }
         }
+        crate::failpoint::hit("after-complete");
         Ok(md5_hex)
+    }
+
+    /// Whether the object at the row's key is already this exact file (size and source
+    /// metadata), e.g. completed just before a crash.
+    async fn already_stored(
+        &self,
+        row: &FileRow,
+        identity: &Identity,
+        backoff: &mut Backoff,
+        cancel: &CancellationToken,
+    ) -> Result<bool, TaskError> {
+        let tag = source_tag(row.generation, identity);
+        loop {
+            match self.store.head(&row.key).await {
+                Ok(Some(info)) => {
+                    return Ok(
+                        info.size == identity.size && info.metadata.get(SOURCE_META) == Some(&tag)
+                    );
+                }
+                Ok(None) => return Ok(false),
+                Err(e) if e.is_retryable() => self.pause(row, backoff, &e, cancel).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -900,6 +963,7 @@ impl Uploader {
             drop(held);
             match res {
                 Ok(etag) => {
+                    crate::failpoint::hit("after-part");
                     self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                     let part = PartRow {
                         part_number,
