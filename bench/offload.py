@@ -154,6 +154,16 @@ def rclone_env(port):
     return env
 
 
+def proc_cpu(pid):
+    """CPU seconds (user + system) a live process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
 def run_case(binary, name, count, size, args, tool="record-offload"):
     data = os.path.join(args.data_dir, name)
     jdir = os.path.join(args.journal_dir, name)
@@ -178,10 +188,11 @@ def run_case(binary, name, count, size, args, tool="record-offload"):
                                     stderr=subprocess.PIPE)
             _, status, ru = os.wait4(proc.pid, 0)
             wall = time.monotonic() - t0
+            server_cpu = proc_cpu(server.pid)
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
                 raise SystemExit(f"rclone failed: {proc.stderr.read().decode()[-2000:]}")
-            return finish(name, tool, count, size, wall, ru, [], proc.returncode, root, data, jdir, args)
+            return finish(name, tool, count, size, wall, ru, [], proc.returncode, root, data, jdir, args, server_cpu)
         cfg = os.path.join(jdir, "config.toml")
         config(cfg, root, journal, f"http://127.0.0.1:{port}", args)
         env = dict(os.environ)
@@ -198,6 +209,7 @@ def run_case(binary, name, count, size, args, tool="record-offload"):
                 raise SystemExit(f"{name}: not done within {args.timeout} s")
             time.sleep(0.02)
         wall = time.monotonic() - t0
+        server_cpu = proc_cpu(server.pid)
         daemon.send_signal(signal.SIGTERM)
         _, status, ru = os.wait4(daemon.pid, 0)
         daemon.returncode = os.waitstatus_to_exitcode(status)
@@ -205,10 +217,10 @@ def run_case(binary, name, count, size, args, tool="record-offload"):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=20)
-    return finish(name, tool, count, size, wall, ru, lat, daemon.returncode, root, data, jdir, args)
+    return finish(name, tool, count, size, wall, ru, lat, daemon.returncode, root, data, jdir, args, server_cpu)
 
 
-def finish(name, tool, count, size, wall, ru, lat, code, root, data, jdir, args):
+def finish(name, tool, count, size, wall, ru, lat, code, root, data, jdir, args, server_cpu):
     left = sum(len(files) for _, _, files in os.walk(root))
     total = count * size
     result = {
@@ -221,6 +233,7 @@ def finish(name, tool, count, size, wall, ru, lat, code, root, data, jdir, args)
         "files_s": count / wall,
         "cpu_s": ru.ru_utime + ru.ru_stime,
         "peak_rss_mib": ru.ru_maxrss / 1024.0,
+        "server_cpu_s": server_cpu,
         "lat_p50_s": pct(lat, 50),
         "lat_p99_s": pct(lat, 99),
         "exit": code,
@@ -253,7 +266,7 @@ def main():
     cases = ["big", "small"] if args.case == "all" else [args.case]
     tools = ["record-offload", "rclone"] if args.rclone else ["record-offload"]
     cols = ["tool", "case", "files", "bytes", "wall_s", "mib_s", "files_s", "cpu_s",
-            "peak_rss_mib", "lat_p50_s", "lat_p99_s", "exit", "left_on_disk"]
+            "peak_rss_mib", "server_cpu_s", "lat_p50_s", "lat_p99_s", "exit", "left_on_disk"]
     if not args.json:
         print(" ".join(f"{c:>14}" for c in cols))
     for name in cases:

@@ -27,11 +27,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::delete::DeleteJob;
 use crate::fsutil::Root;
 use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
 use crate::keys::KeyTemplate;
 use crate::store::Store;
-use crate::upload::Uploader;
+use crate::upload::{UploadStats, Uploader};
 use crate::watch::{self, Settled, WatchParams, WatchStats};
 
 #[derive(Debug, Error)]
@@ -78,6 +79,8 @@ impl Daemon {
         let (settled_tx, settled_rx) = mpsc::channel::<Settled>(1024);
         let (resettle_tx, resettle_rx) = mpsc::channel::<PathBuf>(1024);
         let (prune_tx, prune_rx) = mpsc::channel::<PathBuf>(4096);
+        let (delete_tx, delete_rx) = mpsc::channel::<DeleteJob>(4096);
+        let upload_stats = Arc::new(UploadStats::default());
 
         let uploader = Uploader::new(
             settings.clone(),
@@ -85,8 +88,18 @@ impl Daemon {
             journal.clone(),
             root.clone(),
             resettle_tx.clone(),
-            prune_tx.clone(),
+            delete_tx,
+            upload_stats.clone(),
         );
+        // The deleter runs from the start: recovery hands it stored files still on disk.
+        tracker.spawn(crate::delete::run(
+            delete_rx,
+            journal.clone(),
+            root.clone(),
+            prune_tx.clone(),
+            upload_stats,
+            cancel.clone(),
+        ));
 
         // Recovery.
         uploader.finish_pending_deletes().await?;

@@ -8,6 +8,7 @@
 //! - [`journal`]: the SQLite journal, single source of truth; the state machine of every file.
 //! - [`upload`]: scheduling, PutObject / multipart upload with resume, verify, delete.
 //! - [`store`]: the aws-sdk-s3 client set up for OSS, and the retryable/permanent decision.
+//! - [`delete`]: removes local copies of stored files, in batches behind one durable commit.
 //! - [`prune`]: removes directories that deletions emptied, once they stayed idle.
 //! - [`fsutil`]: file-system access confined to the watch root (no symlinks, no `..`).
 //! - [`keys`]: object keys from `storage.key_template`.
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod delete;
 #[cfg(feature = "dev-server")]
 pub mod devserver;
 pub mod failpoint;

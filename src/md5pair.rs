@@ -175,17 +175,23 @@ fn finish(mut state: [u32; 4], tail: &[u8], len: u64) -> [u8; 16] {
     out
 }
 
-/// A single MD5 state with its pending bytes.
+/// A single MD5 (for objects of one part, whose part MD5 is the whole file's).
 #[derive(Clone)]
-struct Single {
+pub struct Single {
     state: [u32; 4],
     buf: [u8; 64],
     buf_len: usize,
     len: u64,
 }
 
+impl Default for Single {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Single {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Single {
             state: INIT,
             buf: [0; 64],
@@ -194,7 +200,7 @@ impl Single {
         }
     }
 
-    fn update(&mut self, mut data: &[u8]) {
+    pub fn update(&mut self, mut data: &[u8]) {
         self.len += data.len() as u64;
         if self.buf_len > 0 {
             let take = (64 - self.buf_len).min(data.len());
@@ -219,7 +225,7 @@ impl Single {
         self.buf_len = rest.len();
     }
 
-    fn finish(&self) -> [u8; 16] {
+    pub fn finish(&self) -> [u8; 16] {
         finish(self.state, &self.buf[..self.buf_len], self.len)
     }
 }

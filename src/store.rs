@@ -221,6 +221,35 @@ pub struct ListedPart {
     pub etag: Option<String>,
 }
 
+/// What a request that carries data sends.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// A range of an open file, read while it is sent.
+    File(FileRange),
+    /// Bytes already in memory (small objects, read once for hashing and sending).
+    Bytes(Bytes),
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::File(r) => r.len,
+            Body::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn into_stream(self) -> ByteStream {
+        match self {
+            Body::File(r) => file_body(r),
+            Body::Bytes(b) => ByteStream::from(b),
+        }
+    }
+}
+
 /// A byte range of an open file, sent as a request body.
 #[derive(Debug, Clone)]
 pub struct FileRange {
@@ -318,11 +347,11 @@ impl Store {
     pub async fn put_object(
         &self,
         key: &str,
-        body: FileRange,
+        body: Body,
         md5: &[u8; 16],
         metadata: &[(&str, String)],
     ) -> Result<String, StoreError> {
-        let len = body.len;
+        let len = body.len();
         let mut req = self
             .client
             .put_object()
@@ -330,7 +359,7 @@ impl Store {
             .key(key)
             .content_length(len as i64)
             .content_md5(b64(md5))
-            .body(file_body(body));
+            .body(body.into_stream());
         for (k, v) in metadata {
             req = req.metadata(*k, v);
         }

@@ -21,15 +21,16 @@
 //!    missing.
 //! 3. HEAD the object: the size must match.
 //! 4. Re-check the file: unchanged since it was read, or it is uploaded again after it settles.
-//! 5. Commit `uploaded` (durably), then unlink the file — only if it is still the same file —
-//!    and commit `deleted`. Directories emptied that way go to the pruner.
+//! 5. Commit `uploaded`, then hand the file to the deleter ([`crate::delete`]), which makes
+//!    the commit durable, unlinks the file only if it is still the same file, and commits
+//!    `deleted`. Directories emptied that way go to the pruner.
 //!
 //! Transient errors (network, 5xx, throttling, timeouts, a corrupt part) are retried in place
 //! with capped exponential backoff and jitter, forever while the file is on disk; each failure
 //! is written to the row (`attempts`, `last_error`) so `status` shows it. Permanent errors
 //! (credentials, bucket, permissions) put the row in `failed`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,16 +44,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Settings;
-use crate::fsutil::{Identity, Root, UnlinkOutcome};
+use crate::delete::DeleteJob;
+use crate::fsutil::{Identity, Root};
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
 use crate::md5pair::Md5Pair;
-use crate::store::{ErrorKind, FileRange, Store, StoreError};
+use crate::store::{Body, ErrorKind, FileRange, Store, StoreError};
 
 /// S3 and OSS allow at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
 const MIB: u64 = 1024 * 1024;
 /// Read size while hashing.
 const HASH_CHUNK: u64 = 1024 * 1024;
+/// Objects up to this size are read into memory once, hashed and sent from there (at most
+/// `upload.concurrency` of them at a time); larger ones are read twice, never held.
+const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
 /// The part size for a file: the configured size, grown (in whole MiB) so that the file fits
 /// in [`MAX_PARTS`] parts.
@@ -165,7 +170,7 @@ pub struct Uploader {
     /// Woken when rows become due (intake, retries).
     pub wake: Arc<Notify>,
     resettle: mpsc::Sender<PathBuf>,
-    prune: mpsc::Sender<PathBuf>,
+    deleter: mpsc::Sender<DeleteJob>,
     pub stats: Arc<UploadStats>,
 }
 
@@ -176,7 +181,8 @@ impl Uploader {
         journal: Journal,
         root: Arc<Root>,
         resettle: mpsc::Sender<PathBuf>,
-        prune: mpsc::Sender<PathBuf>,
+        deleter: mpsc::Sender<DeleteJob>,
+        stats: Arc<UploadStats>,
     ) -> Arc<Uploader> {
         let permits = Arc::new(Semaphore::new(settings.config.upload.concurrency));
         Arc::new(Uploader {
@@ -187,8 +193,8 @@ impl Uploader {
             permits,
             wake: Arc::new(Notify::new()),
             resettle,
-            prune,
-            stats: Arc::new(UploadStats::default()),
+            deleter,
+            stats,
         })
     }
 
@@ -211,38 +217,43 @@ impl Uploader {
         let mut active: HashSet<i64> = HashSet::new();
         let mut task_rows: HashMap<tokio::task::Id, i64> = HashMap::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
+        // Due rows read ahead, so finishing a file does not cost a journal query.
+        let mut backlog: VecDeque<FileRow> = VecDeque::new();
+        // The journal may hold more due rows than were read.
+        let mut more_due = true;
         // File tasks see this token; it fires only when the drain time is over.
         let work_cancel = CancellationToken::new();
         let poll = Duration::from_millis(250);
         loop {
-            if !cancel.is_cancelled() && active.len() < max_files {
-                let want = max_files + active.len();
+            if !cancel.is_cancelled() && backlog.is_empty() && more_due {
+                let want = max_files * 4 + active.len();
                 match self
                     .journal
                     .read(move |c| journal::due(c, journal::now_ms(), want))
                     .await
                 {
                     Ok(rows) => {
-                        for row in rows {
-                            if active.len() >= max_files {
-                                break;
-                            }
-                            if active.insert(row.id) {
-                                let me = self.clone();
-                                let token = work_cancel.clone();
-                                let id = row.id;
-                                let handle =
-                                    tasks.spawn(async move { me.process(row, token).await });
-                                task_rows.insert(handle.id(), id);
-                            }
-                        }
+                        more_due = rows.len() >= want;
+                        backlog.extend(rows.into_iter().filter(|r| !active.contains(&r.id)));
                     }
                     Err(e) => warn!(error = %e, "cannot read due files from the journal"),
                 }
-                self.stats
-                    .active_files
-                    .store(active.len() as u64, Ordering::Relaxed);
             }
+            while !cancel.is_cancelled() && active.len() < max_files {
+                let Some(row) = backlog.pop_front() else {
+                    break;
+                };
+                if active.insert(row.id) {
+                    let me = self.clone();
+                    let token = work_cancel.clone();
+                    let id = row.id;
+                    let handle = tasks.spawn(async move { me.process(row, token).await });
+                    task_rows.insert(handle.id(), id);
+                }
+            }
+            self.stats
+                .active_files
+                .store(active.len() as u64, Ordering::Relaxed);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(done) = tasks.join_next_with_id() => {
@@ -257,8 +268,8 @@ impl Uploader {
                         active.remove(&id);
                     }
                 }
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = self.wake.notified() => more_due = true,
+                _ = tokio::time::sleep(poll) => more_due = true,
             }
         }
         // Drain.
@@ -524,15 +535,11 @@ impl Uploader {
         self.check_unchanged(&rel, &file, &identity)?;
 
         let (id, generation) = (row.id, row.generation);
-        let durability = if self.delete_after_upload() {
-            Durability::Sync
-        } else {
-            Durability::Normal
-        };
         {
+            // Not flushed here: the deleter flushes once for a whole batch before it unlinks.
             let md5_hex = md5_hex.clone();
             self.journal
-                .write(durability, move |c| {
+                .write(Durability::Normal, move |c| {
                     journal::set_uploaded(c, id, generation, &identity, &md5_hex)
                 })
                 .await?;
@@ -552,52 +559,16 @@ impl Uploader {
         Ok(Outcome::Done)
     }
 
-    /// Removes the local copy of a stored file if it is still the file that was uploaded.
+    /// Queues the removal of a stored file's local copy (see [`crate::delete`]).
     pub async fn delete_local(&self, id: i64, generation: i64, rel: &Path, identity: &Identity) {
-        let outcome = {
-            let root = self.root.clone();
-            let rel = rel.to_path_buf();
-            let identity = *identity;
-            tokio::task::spawn_blocking(move || root.unlink_if_same(&rel, &identity)).await
+        let job = DeleteJob {
+            id,
+            generation,
+            rel: rel.to_path_buf(),
+            identity: *identity,
         };
-        let outcome = match outcome {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => {
-                warn!(path = %rel.display(), error = %e, "cannot delete the uploaded file; will try again at the next scan");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "delete task failed");
-                return;
-            }
-        };
-        match outcome {
-            UnlinkOutcome::Removed | UnlinkOutcome::Gone => {
-                crate::failpoint::hit("after-unlink");
-                let res = self
-                    .journal
-                    .write(Durability::Normal, move |c| {
-                        journal::set_deleted(c, id, generation)
-                    })
-                    .await;
-                match res {
-                    Ok(()) => {
-                        self.stats.files_deleted.fetch_add(1, Ordering::Relaxed);
-                        debug!(path = %rel.display(), "local copy deleted");
-                    }
-                    Err(e) if journal::is_stale(&e) => {}
-                    Err(e) => warn!(error = %e, "cannot record the deletion"),
-                }
-                if let Some(parent) = rel.parent()
-                    && !parent.as_os_str().is_empty()
-                {
-                    let _ = self.prune.try_send(parent.to_path_buf());
-                }
-            }
-            UnlinkOutcome::Changed(_) => {
-                info!(path = %rel.display(), "file changed after it was stored; kept, and it will be uploaded again");
-            }
-        }
+        // Closed only at shutdown: the file is then removed at the next start.
+        let _ = self.deleter.send(job).await;
     }
 
     /// Hashes `len` bytes at `offset` as one part of `pair` (which also keeps the whole
@@ -629,7 +600,9 @@ impl Uploader {
         .map_err(|e| TaskError::Io(e.to_string()))?
     }
 
-    /// A file of at most one part: one PutObject. Returns the MD5 (hex).
+    /// A file of at most one part: one PutObject. Returns the MD5 (hex). Files up to
+    /// [`IN_MEMORY_MAX`] are read once and sent from memory; larger ones are hashed, then
+    /// streamed from the file.
     async fn put_small(
         &self,
         row: &FileRow,
@@ -639,7 +612,38 @@ impl Uploader {
     ) -> Result<String, TaskError> {
         let mut backoff = self.backoff();
         let permit = self.acquire(cancel).await?;
-        let (md5, _) = Self::hash_range(file, 0, identity.size, Md5Pair::new()).await?;
+        let size = identity.size;
+        let (md5, data) = {
+            let file = file.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
+                let mut md5 = crate::md5pair::Single::new();
+                if size <= IN_MEMORY_MAX {
+                    let mut buf = vec![0u8; size as usize];
+                    let got = crate::store::read_full_at(&file, &mut buf, 0)
+                        .map_err(|e| TaskError::Io(format!("read: {e}")))?;
+                    if got < buf.len() {
+                        return Err(TaskError::Changed);
+                    }
+                    md5.update(&buf);
+                    return Ok((md5.finish(), Some(bytes::Bytes::from(buf))));
+                }
+                let mut buf = vec![0u8; HASH_CHUNK as usize];
+                let mut pos = 0;
+                while pos < size {
+                    let n = (size - pos).min(HASH_CHUNK) as usize;
+                    let got = crate::store::read_full_at(&file, &mut buf[..n], pos)
+                        .map_err(|e| TaskError::Io(format!("read: {e}")))?;
+                    if got < n {
+                        return Err(TaskError::Changed);
+                    }
+                    md5.update(&buf[..n]);
+                    pos += n as u64;
+                }
+                Ok((md5.finish(), None))
+            })
+            .await
+            .map_err(|e| TaskError::Io(e.to_string()))??
+        };
         let mut permit = Some(permit);
         let metadata = [
             ("md5", hex::encode(md5)),
@@ -650,10 +654,13 @@ impl Uploader {
                 Some(p) => p,
                 None => self.acquire(cancel).await?,
             };
-            let body = FileRange {
-                file: file.clone(),
-                offset: 0,
-                len: identity.size,
+            let body = match &data {
+                Some(b) => Body::Bytes(b.clone()),
+                None => Body::File(FileRange {
+                    file: file.clone(),
+                    offset: 0,
+                    len: size,
+                }),
             };
             let res = tokio::select! {
                 _ = cancel.cancelled() => return Err(TaskError::Interrupted),
@@ -662,9 +669,7 @@ impl Uploader {
             drop(held);
             match res {
                 Ok(_) => {
-                    self.stats
-                        .bytes_sent
-                        .fetch_add(identity.size, Ordering::Relaxed);
+                    self.stats.bytes_sent.fetch_add(size, Ordering::Relaxed);
                     return Ok(hex::encode(md5));
                 }
                 Err(e) if e.is_retryable() => {

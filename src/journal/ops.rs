@@ -589,6 +589,14 @@ pub fn requeue_failed(conn: &Connection, id: Option<i64>) -> Result<usize, Journ
     Ok(n)
 }
 
+/// A write whose only purpose is its commit: committed with [`super::Durability::Sync`], it
+/// carries every earlier commit to the disk.
+pub fn barrier(conn: &Connection) -> Result<(), JournalError> {
+    conn.prepare_cached("UPDATE meta SET v = v + 1 WHERE k = 'barrier'")?
+        .execute([])?;
+    Ok(())
+}
+
 /// Whether a file under directory `dir` was ever removed by the daemon (such a directory may
 /// be pruned once empty).
 pub fn had_deleted_under(conn: &Connection, dir: &Path) -> Result<bool, JournalError> {

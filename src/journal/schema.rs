@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use super::JournalError;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 1;
+pub const VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 1: files and their multipart parts.
@@ -50,6 +50,14 @@ const MIGRATIONS: &[&str] = &[
         etag         TEXT NOT NULL,              -- as the store returned it
         PRIMARY KEY (file_id, part_number)
     ) WITHOUT ROWID;
+    "#,
+    // 2: a row the deleter updates with a durable commit before it unlinks files.
+    r#"
+    CREATE TABLE meta (
+        k TEXT PRIMARY KEY,
+        v INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO meta (k, v) VALUES ('barrier', 0);
     "#,
 ];
 
