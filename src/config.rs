@@ -181,6 +181,10 @@ pub struct UploadConfig {
     pub min_bytes_per_sec: u64,
     /// How long a shutdown waits for requests in flight before abandoning them (they resume).
     pub drain_secs: f64,
+    /// Limit of all uploads together, bytes per second; 0 = none.
+    pub max_bytes_per_sec: u64,
+    /// Local-time windows `HH:MM-HH:MM` in which uploads may start; empty = any time.
+    pub windows: Vec<String>,
 }
 
 impl Default for UploadConfig {
@@ -195,6 +199,8 @@ impl Default for UploadConfig {
             request_timeout_secs: 60.0,
             min_bytes_per_sec: 16 * 1024,
             drain_secs: 20.0,
+            max_bytes_per_sec: 0,
+            windows: Vec::new(),
         }
     }
 }
@@ -589,6 +595,17 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         3600.0,
     )?;
     check_secs("upload.drain_secs", up.drain_secs, 0.0, 3600.0)?;
+    if up.max_bytes_per_sec != 0 && up.max_bytes_per_sec < 1024 {
+        return Err(ConfigError::new(
+            "upload.max_bytes_per_sec",
+            format!(
+                "must be 0 (no limit) or at least 1024, got {}",
+                up.max_bytes_per_sec
+            ),
+        ));
+    }
+    crate::throttle::Windows::parse(&up.windows)
+        .map_err(|(i, e)| ConfigError::new(format!("upload.windows[{i}]"), e))?;
 
     // lookup
     let lk = &config.lookup;
@@ -810,6 +827,14 @@ mod tests {
             (ok("[upload]\npart_size_mib = 5121"), "upload.part_size_mib"),
             (ok("[upload]\nconcurrency = 0"), "upload.concurrency"),
             (ok("[upload]\nconcurrency = \"many\""), "upload.concurrency"),
+            (
+                ok("[upload]\nwindows = [\"22:00-07:00\", \"9-5\"]"),
+                "upload.windows[1]",
+            ),
+            (
+                ok("[upload]\nmax_bytes_per_sec = 10"),
+                "upload.max_bytes_per_sec",
+            ),
             (ok("[lookup]\nlisten = [\"nope\"]"), "lookup.listen[0]"),
             (
                 ok("[lookup]\npresign_style = \"v9\""),

@@ -10,6 +10,7 @@
 //! - [`store`]: the aws-sdk-s3 client set up for OSS, and the retryable/permanent decision.
 //! - [`delete`]: removes local copies of stored files, in batches behind one durable commit.
 //! - [`prune`]: removes directories that deletions emptied, once they stayed idle.
+//! - [`throttle`]: bandwidth limit and upload windows.
 //! - [`fsutil`]: file-system access confined to the watch root (no symlinks, no `..`).
 //! - [`keys`]: object keys from `storage.key_template`.
 //! - [`lookup`]: playback look-ups: legacy path parsing, URL signing.
@@ -33,5 +34,6 @@ pub mod lookup;
 pub mod md5pair;
 pub mod prune;
 pub mod store;
+pub mod throttle;
 pub mod upload;
 pub mod watch;

@@ -256,6 +256,8 @@ pub struct FileRange {
     pub file: Arc<File>,
     pub offset: u64,
     pub len: u64,
+    /// The shared bandwidth limit, if any: each chunk waits for its tokens.
+    pub limit: Option<Arc<crate::throttle::Bandwidth>>,
 }
 
 /// The store client.
@@ -277,6 +279,13 @@ impl Store {
         let st = &settings.config.storage;
         let up = &settings.config.upload;
         let request_timeout = Duration::from_secs_f64(up.request_timeout_secs);
+        // Under a bandwidth limit a body may legitimately move at the limit shared by every
+        // request in flight: the deadlines allow for that.
+        let mut min_bytes_per_sec = up.min_bytes_per_sec.max(1);
+        if up.max_bytes_per_sec > 0 {
+            min_bytes_per_sec =
+                min_bytes_per_sec.min((up.max_bytes_per_sec / up.concurrency.max(1) as u64).max(1));
+        }
         let creds = Credentials::new(
             st.access_key_id.clone(),
             settings.secret.clone(),
@@ -310,7 +319,7 @@ impl Store {
             client: Client::from_conf(conf),
             bucket: st.bucket.clone(),
             request_timeout,
-            min_bytes_per_sec: up.min_bytes_per_sec.max(1),
+            min_bytes_per_sec,
         }
     }
 
@@ -650,6 +659,7 @@ struct FileRangeBody {
     file: Arc<File>,
     pos: u64,
     end: u64,
+    limit: Option<Arc<crate::throttle::Bandwidth>>,
     reading: Option<JoinHandle<std::io::Result<Vec<u8>>>>,
 }
 
@@ -659,6 +669,7 @@ impl FileRangeBody {
             file: r.file,
             pos: r.offset,
             end: r.offset + r.len,
+            limit: r.limit,
             reading: None,
         }
     }
@@ -692,9 +703,13 @@ impl http_body::Body for FileRangeBody {
         }
         if this.reading.is_none() {
             let file = this.file.clone();
+            let limit = this.limit.clone();
             let pos = this.pos;
             let n = (this.end - this.pos).min(CHUNK as u64) as usize;
             this.reading = Some(tokio::task::spawn_blocking(move || {
+                if let Some(limit) = limit {
+                    limit.wait_blocking(n as u64);
+                }
                 let mut buf = vec![0u8; n];
                 let got = read_full_at(&file, &mut buf, pos)?;
                 if got < n {

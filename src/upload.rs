@@ -49,6 +49,7 @@ use crate::fsutil::{Identity, Root};
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
 use crate::md5pair::Md5Pair;
 use crate::store::{Body, ErrorKind, FileRange, Store, StoreError};
+use crate::throttle::{Bandwidth, Windows};
 
 /// S3 and OSS allow at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
@@ -172,6 +173,10 @@ pub struct Uploader {
     resettle: mpsc::Sender<PathBuf>,
     deleter: mpsc::Sender<DeleteJob>,
     pub stats: Arc<UploadStats>,
+    /// `upload.max_bytes_per_sec`, shared by every body.
+    limit: Option<Arc<Bandwidth>>,
+    /// `upload.windows`.
+    windows: Windows,
 }
 
 impl Uploader {
@@ -185,6 +190,9 @@ impl Uploader {
         stats: Arc<UploadStats>,
     ) -> Arc<Uploader> {
         let permits = Arc::new(Semaphore::new(settings.config.upload.concurrency));
+        let limit = Bandwidth::new(settings.config.upload.max_bytes_per_sec).map(Arc::new);
+        // Validated with the config; an error here leaves uploads unrestricted in time.
+        let windows = Windows::parse(&settings.config.upload.windows).unwrap_or_default();
         Arc::new(Uploader {
             settings,
             store,
@@ -195,6 +203,8 @@ impl Uploader {
             resettle,
             deleter,
             stats,
+            limit,
+            windows,
         })
     }
 
@@ -238,6 +248,11 @@ impl Uploader {
                     }
                     Err(e) => warn!(error = %e, "cannot read due files from the journal"),
                 }
+            }
+            // Outside the upload windows no new file starts (not even a multipart upload);
+            // waiting for one ends at once on shutdown.
+            if !backlog.is_empty() && !self.windows.wait_open(&cancel).await {
+                break;
             }
             while !cancel.is_cancelled() && active.len() < max_files {
                 let Some(row) = backlog.pop_front() else {
@@ -445,7 +460,12 @@ impl Uploader {
         }
     }
 
+    /// A slot for a request that carries data: inside an upload window, and one of
+    /// `upload.concurrency`.
     async fn acquire(&self, cancel: &CancellationToken) -> Result<OwnedSemaphorePermit, TaskError> {
+        if !self.windows.wait_open(cancel).await {
+            return Err(TaskError::Interrupted);
+        }
         tokio::select! {
             _ = cancel.cancelled() => Err(TaskError::Interrupted),
             p = self.permits.clone().acquire_owned() => p.map_err(|_| TaskError::Interrupted),
@@ -613,11 +633,13 @@ impl Uploader {
         let mut backoff = self.backoff();
         let permit = self.acquire(cancel).await?;
         let size = identity.size;
+        let limited = self.limit.is_some();
         let (md5, data) = {
             let file = file.clone();
             tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
                 let mut md5 = crate::md5pair::Single::new();
-                if size <= IN_MEMORY_MAX {
+                // Under a bandwidth limit every body is streamed, so it can be paced.
+                if size <= IN_MEMORY_MAX && !limited {
                     let mut buf = vec![0u8; size as usize];
                     let got = crate::store::read_full_at(&file, &mut buf, 0)
                         .map_err(|e| TaskError::Io(format!("read: {e}")))?;
@@ -660,6 +682,7 @@ impl Uploader {
                     file: file.clone(),
                     offset: 0,
                     len: size,
+                    limit: self.limit.clone(),
                 }),
             };
             let res = tokio::select! {
@@ -960,6 +983,7 @@ impl Uploader {
                 file: file.clone(),
                 offset,
                 len,
+                limit: self.limit.clone(),
             };
             let res = tokio::select! {
                 _ = cancel.cancelled() => return Err(TaskError::Interrupted),
