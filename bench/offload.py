@@ -10,7 +10,7 @@ server's CPU is not counted), and the settle-to-deleted latency (p50/p99 over th
 The files are written before the daemon starts, with an old mtime, so the startup scan finds
 them settled; the wall time runs from the daemon's start to the last file deleted.
 
-    bench/offload.py                      # both cases: 8 x 256 MiB and 2000 x 256 KiB
+    bench/offload.py                      # every case: trickle latency, 8 x 256 MiB, 2000 x 256 KiB
     bench/offload.py --case small --runs 3
     bench/offload.py --data-dir /dev/shm/ro-bench --journal-dir /var/tmp/ro-bench
 
@@ -245,9 +245,63 @@ def finish(name, tool, count, size, wall, ru, lat, code, root, data, jdir, args,
     return result
 
 
+def run_trickle(binary, args, count=200, size=1024 * 1024, gap=0.05):
+    """Files arriving one by one while the daemon runs: settle-to-deleted latency."""
+    name = "trickle"
+    data = os.path.join(args.data_dir, name)
+    jdir = os.path.join(args.journal_dir, name)
+    for d in (data, jdir):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    root = os.path.join(data, "record")
+    os.makedirs(root)
+    store = os.path.join(data, "store")
+    journal = os.path.join(jdir, "journal.db")
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "dev-s3", "--data", store, "--listen", f"127.0.0.1:{port}", "--bucket", "recordings"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        cfg = os.path.join(jdir, "config.toml")
+        config(cfg, root, journal, f"http://127.0.0.1:{port}", args)
+        with open(cfg) as f:
+            text = f.read().replace("settle_secs = 1", "settle_secs = 0.2")
+        with open(cfg, "w") as f:
+            f.write(text)
+        daemon = subprocess.Popen([binary, "run", "--config", cfg], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        payload = os.urandom(size)
+        for i in range(count):
+            tmp = os.path.join(root, f".rec{i:05d}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(i.to_bytes(8, "little"))
+                f.write(payload[8:])
+            os.rename(tmp, os.path.join(root, f"rec{i:05d}.mp4"))
+            time.sleep(gap)
+        deadline = time.monotonic() + args.timeout
+        while deleted_count(journal) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit("trickle: not done in time")
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        lat = latencies(journal)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)
+    if not args.keep:
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(jdir, ignore_errors=True)
+    print(f"trickle: {count} files of {size // 1024} KiB, one every {gap * 1000:.0f} ms; "
+          f"settled-to-deleted latency p50 {pct(lat, 50) * 1000:.0f} ms, "
+          f"p99 {pct(lat, 99) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=["big", "small", "all"], default="all")
+    ap.add_argument("--case", choices=["big", "small", "trickle", "all"], default="all")
     ap.add_argument("--runs", type=int, default=1, help="runs per case; medians are printed")
     ap.add_argument("--data-dir", default="/dev/shm/record-offload-bench")
     ap.add_argument("--journal-dir", default="/var/tmp/record-offload-bench")
@@ -264,6 +318,9 @@ def main():
 
     binary = build(args.binary)
     cases = ["big", "small"] if args.case == "all" else [args.case]
+    if args.case in ("trickle", "all"):
+        run_trickle(binary, args)
+        cases = [c for c in cases if c != "trickle"]
     tools = ["record-offload", "rclone"] if args.rclone else ["record-offload"]
     cols = ["tool", "case", "files", "bytes", "wall_s", "mib_s", "files_s", "cpu_s",
             "peak_rss_mib", "server_cpu_s", "lat_p50_s", "lat_p99_s", "exit", "left_on_disk"]

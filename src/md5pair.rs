@@ -133,8 +133,20 @@ macro_rules! all_steps {
     }};
 }
 
-/// One block into one state.
+/// One block into one state (the fastest way this CPU has).
 fn compress1(state: &mut [u32; 4], block: &[u8; 64]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        let mut unused = INIT;
+        // SAFETY: `available` checked that the CPU has AVX-512F and AVX-512VL.
+        unsafe { simd::compress2(state, &mut unused, block) };
+        return;
+    }
+    compress1_scalar(state, block);
+}
+
+/// One block into one state, with general-purpose registers.
+fn compress1_scalar(state: &mut [u32; 4], block: &[u8; 64]) {
     let x = load(block);
     let mut s = *state;
     all_steps!(x; s);
@@ -143,8 +155,20 @@ fn compress1(state: &mut [u32; 4], block: &[u8; 64]) {
     }
 }
 
-/// One block into two states at once.
+/// One block into two states at once (the fastest way this CPU has).
 fn compress2(s1: &mut [u32; 4], s2: &mut [u32; 4], block: &[u8; 64]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: `available` checked that the CPU has AVX-512F and AVX-512VL.
+        unsafe { simd::compress2(s1, s2, block) };
+        return;
+    }
+    compress2_scalar(s1, s2, block);
+}
+
+/// One block into two states at once, with general-purpose registers: the two dependency
+/// chains interleave, so the second digest costs little.
+fn compress2_scalar(s1: &mut [u32; 4], s2: &mut [u32; 4], block: &[u8; 64]) {
     let x = load(block);
     let (mut a, mut b) = (*s1, *s2);
     all_steps!(x; a, b);
@@ -153,6 +177,94 @@ fn compress2(s1: &mut [u32; 4], s2: &mut [u32; 4], block: &[u8; 64]) {
     }
     for (st, v) in s2.iter_mut().zip(b) {
         *st = st.wrapping_add(v);
+    }
+}
+
+/// MD5 steps on AVX-512VL vector registers: each of the four working variables is one
+/// register whose lanes hold the two states. `vpternlogd` computes the round function and
+/// `vprold` the rotation in one instruction each, which shortens the chain each step waits
+/// on (about four instructions instead of five or six); both lanes ride along for free.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{T, shift, word_index};
+    use std::arch::x86_64::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    static DETECTED: AtomicU8 = AtomicU8::new(0);
+
+    /// Whether this CPU has AVX-512F and AVX-512VL (checked once).
+    pub fn available() -> bool {
+        match DETECTED.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let yes = std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl");
+                DETECTED.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
+                yes
+            }
+        }
+    }
+
+    // Truth tables for vpternlogd with the operands (b, c, d) as (0xF0, 0xCC, 0xAA).
+    const F: i32 = 0xCA; // (b & c) | (!b & d)
+    const G: i32 = 0xE4; // (b & d) | (c & !d)
+    const H: i32 = 0x96; // b ^ c ^ d
+    const I: i32 = 0x39; // c ^ (b | !d)
+
+    macro_rules! vstep {
+        ($x:ident, $n:expr, $imm:ident, $a:ident, $b:ident, $c:ident, $d:ident) => {{
+            const N: usize = $n;
+            let xt = _mm_set1_epi32($x[word_index(N)].wrapping_add(T[N]) as i32);
+            let f = _mm_ternarylogic_epi32::<$imm>($b, $c, $d);
+            let t = _mm_add_epi32(_mm_add_epi32($a, xt), f);
+            $a = _mm_add_epi32($b, _mm_rol_epi32::<{ shift(N) as i32 }>(t));
+        }};
+    }
+
+    macro_rules! vround {
+        ($x:ident, $base:expr, $imm:ident, $a:ident, $b:ident, $c:ident, $d:ident) => {{
+            vstep!($x, $base, $imm, $a, $b, $c, $d);
+            vstep!($x, $base + 1, $imm, $d, $a, $b, $c);
+            vstep!($x, $base + 2, $imm, $c, $d, $a, $b);
+            vstep!($x, $base + 3, $imm, $b, $c, $d, $a);
+            vstep!($x, $base + 4, $imm, $a, $b, $c, $d);
+            vstep!($x, $base + 5, $imm, $d, $a, $b, $c);
+            vstep!($x, $base + 6, $imm, $c, $d, $a, $b);
+            vstep!($x, $base + 7, $imm, $b, $c, $d, $a);
+            vstep!($x, $base + 8, $imm, $a, $b, $c, $d);
+            vstep!($x, $base + 9, $imm, $d, $a, $b, $c);
+            vstep!($x, $base + 10, $imm, $c, $d, $a, $b);
+            vstep!($x, $base + 11, $imm, $b, $c, $d, $a);
+            vstep!($x, $base + 12, $imm, $a, $b, $c, $d);
+            vstep!($x, $base + 13, $imm, $d, $a, $b, $c);
+            vstep!($x, $base + 14, $imm, $c, $d, $a, $b);
+            vstep!($x, $base + 15, $imm, $b, $c, $d, $a);
+        }};
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512VL ([`available`]).
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn compress2(s1: &mut [u32; 4], s2: &mut [u32; 4], block: &[u8; 64]) {
+        let x = super::load(block);
+        let lanes = |i: usize| _mm_set_epi32(0, 0, s2[i] as i32, s1[i] as i32);
+        let (a0, b0, c0, d0) = (lanes(0), lanes(1), lanes(2), lanes(3));
+        let (mut a, mut b, mut c, mut d) = (a0, b0, c0, d0);
+        vround!(x, 0, F, a, b, c, d);
+        vround!(x, 16, G, a, b, c, d);
+        vround!(x, 32, H, a, b, c, d);
+        vround!(x, 48, I, a, b, c, d);
+        let out = [
+            _mm_add_epi32(a, a0),
+            _mm_add_epi32(b, b0),
+            _mm_add_epi32(c, c0),
+            _mm_add_epi32(d, d0),
+        ];
+        for (i, v) in out.into_iter().enumerate() {
+            s1[i] = _mm_extract_epi32::<0>(v) as u32;
+            s2[i] = _mm_extract_epi32::<1>(v) as u32;
+        }
     }
 }
 
@@ -342,6 +454,24 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn vector_and_scalar_compressions_agree() {
+        for seed in 0..200u64 {
+            let d = data(64, seed + 1);
+            let mut block = [0u8; 64];
+            block.copy_from_slice(&d);
+            let (mut a1, mut a2) = (INIT, [seed as u32, 1, 2, 3]);
+            let (mut b1, mut b2) = (a1, a2);
+            compress2(&mut a1, &mut a2, &block);
+            compress2_scalar(&mut b1, &mut b2, &block);
+            assert_eq!((a1, a2), (b1, b2));
+            let (mut c, mut e) = (b2, b2);
+            compress1(&mut c, &block);
+            compress1_scalar(&mut e, &block);
+            assert_eq!(c, e);
+        }
     }
 
     #[test]

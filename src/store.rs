@@ -710,14 +710,22 @@ impl http_body::Body for FileRangeBody {
                 if let Some(limit) = limit {
                     limit.wait_blocking(n as u64);
                 }
-                let mut buf = vec![0u8; n];
-                let got = read_full_at(&file, &mut buf, pos)?;
-                if got < n {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "file became shorter while it was being sent",
-                    ));
+                // Read into fresh, uninitialised capacity: no memset for bytes about to be
+                // overwritten.
+                let mut buf: Vec<u8> = Vec::with_capacity(n);
+                while buf.len() < n {
+                    let at = pos + buf.len() as u64;
+                    let got =
+                        rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), at)
+                            .map_err(std::io::Error::from)?;
+                    if got == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "file became shorter while it was being sent",
+                        ));
+                    }
                 }
+                buf.truncate(n);
                 Ok(buf)
             }));
         }
