@@ -125,7 +125,18 @@ impl Daemon {
             let store = store.clone();
             let journal = journal.clone();
             let prefix = template.prefix(&cfg.node.name);
-            tracker.spawn(abort_stray_uploads(store, journal, prefix));
+            // The uploader starts only after this: an upload it creates must never be
+            // mistaken for a stray one. A store that does not answer delays uploads by at
+            // most one request timeout.
+            let uploader = uploader.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = abort_stray_uploads(store, journal, prefix) => {}
+                }
+                uploader.run(cancel).await;
+            });
         }
 
         let watch_stats = Arc::new(WatchStats::default());
@@ -162,7 +173,6 @@ impl Daemon {
             prune_rx,
             cancel.clone(),
         ));
-        tracker.spawn(uploader.clone().run(cancel.clone()));
         tracker.close();
         info!(root = %cfg.watch.root.display(), bucket = %cfg.storage.bucket,
               endpoint = %cfg.storage.endpoint, node = %cfg.node.name, "record-offload started");

@@ -705,7 +705,61 @@ impl Uploader {
     }
 
     /// A multipart upload, resumed from the journal when it has one. Returns the MD5 (hex).
+    ///
+    /// Some servers answer requests for an upload they no longer have with `AccessDenied`
+    /// instead of `NoSuchUpload` (s3s-fs does, e.g. after a completion cut short by a crash).
+    /// When that happens on an upload resumed from the journal, the upload is dropped and the
+    /// file starts over at its next attempt; a real permission problem then shows at once on
+    /// the new upload's first request and fails the file as it should.
     async fn put_multipart(
+        self: &Arc<Self>,
+        row: &FileRow,
+        file: &Arc<File>,
+        identity: &Identity,
+        part_size: u64,
+        cancel: &CancellationToken,
+    ) -> Result<String, TaskError> {
+        let resumed = match (&row.upload_id, row.upload_generation, row.part_size) {
+            (Some(uid), Some(g), Some(ps)) if g == row.generation && ps == part_size => {
+                Some(uid.clone())
+            }
+            _ => None,
+        };
+        let res = self
+            .put_multipart_inner(row, file, identity, part_size, cancel)
+            .await;
+        let Some(resumed) = resumed else {
+            return res;
+        };
+        match res {
+            Err(TaskError::Store(e)) if e.code.as_deref() == Some("AccessDenied") => {
+                let id = row.id;
+                let current = self
+                    .journal
+                    .read(move |c| journal::get(c, id))
+                    .await?
+                    .and_then(|r| r.upload_id);
+                if current.as_deref() != Some(resumed.as_str()) {
+                    return Err(TaskError::Store(e));
+                }
+                warn!(upload_id = %resumed, error = %e, "the store refuses the resumed upload; starting a new one");
+                if let Err(e) = self.store.abort_multipart(&row.key, &resumed).await {
+                    debug!(error = %e, "abort of the refused upload failed");
+                }
+                self.journal
+                    .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                    .await?;
+                Err(TaskError::Store(StoreError::new(
+                    e.op,
+                    ErrorKind::Transient,
+                    format!("resumed upload refused ({}); starting over", e.message),
+                )))
+            }
+            other => other,
+        }
+    }
+
+    async fn put_multipart_inner(
         self: &Arc<Self>,
         row: &FileRow,
         file: &Arc<File>,

@@ -168,10 +168,16 @@ drain_secs = 1
     let mut child = spawn(&cfg, "", &log);
     let deadline = Instant::now() + Duration::from_secs(90);
     while files.keys().any(|r| env.root.join(r).exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "not finished after the last restart"
-        );
+        if Instant::now() > deadline {
+            let left: Vec<_> = files.keys().filter(|r| env.root.join(r).exists()).collect();
+            let rows: Vec<_> = left.iter().map(|r| env.row(r)).collect();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            panic!(
+                "not finished after the last restart: {left:?}\nrows: {rows:?}\nlog tail (newest first):\n{}",
+                tail.join("\n")
+            );
+        }
         if let Some(st) = child.try_wait().unwrap() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: String = text
@@ -203,7 +209,20 @@ drain_secs = 1
         assert!(stored == *data, "{rel}: stored bytes differ");
         assert!(!env.root.join(rel).exists());
         let row = env.row(rel).unwrap();
-        assert_eq!(row.state, record_offload::journal::State::Deleted, "{rel}");
+        if row.state != record_offload::journal::State::Deleted {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.contains(rel.as_str()) || l.contains("failpoint") || l.contains("started")
+                })
+                .collect();
+            panic!(
+                "{rel} ended {:?}: {row:?}\nlog:\n{}",
+                row.state,
+                lines.join("\n")
+            );
+        }
         assert_eq!(row.md5.as_deref(), Some(md5_hex(data).as_str()));
         total += data.len() as u64;
     }

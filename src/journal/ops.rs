@@ -246,6 +246,9 @@ pub fn intake(
     let same = row.identity.as_ref() == Some(id);
     let requeue = match row.state {
         State::Queued | State::Uploading | State::Failed => !same,
+        // A scan that listed the file just before the deleter removed it: the same file
+        // (device, inode, size and mtime to the nanosecond) cannot be new.
+        State::Deleted if same => false,
         State::Uploaded if same => {
             return Ok(if delete_after_upload {
                 Intake::DeletePending {
@@ -750,6 +753,11 @@ mod tests {
             }
         );
         set_deleted(&conn, id, row.generation).unwrap();
+        // A scan that saw the file just before it was removed changes nothing.
+        assert_eq!(
+            intake(&conn, rel, "n/a/b.mp4", &id2, true).unwrap(),
+            Intake::Unchanged
+        );
         let row = get(&conn, id).unwrap().unwrap();
         assert_eq!(row.state, State::Deleted);
         assert_eq!(row.md5.as_deref(), Some("md5"));
