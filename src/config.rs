@@ -65,6 +65,7 @@ pub struct Config {
     pub upload: UploadConfig,
     pub lookup: LookupConfig,
     pub log: LogConfig,
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,6 +246,20 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// A pipeline stage (watcher, intake, uploader, journal writer) that shows no progress for
+    /// this long is stalled: the systemd watchdog pings stop and `/healthz` answers 503.
+    pub stall_secs: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { stall_secs: 120.0 }
+    }
+}
+
 /// A listen address of the look-up server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -273,6 +288,9 @@ impl Settings {
     }
     pub fn prune_after(&self) -> Duration {
         Duration::from_secs_f64(self.config.watch.prune_after_secs)
+    }
+    pub fn stall_allowance(&self) -> Duration {
+        Duration::from_secs_f64(self.config.health.stall_secs)
     }
     pub fn part_size(&self) -> u64 {
         self.config.upload.part_size_mib * 1024 * 1024
@@ -623,6 +641,9 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
             ));
         }
     }
+
+    // health
+    check_secs("health.stall_secs", config.health.stall_secs, 0.5, 86400.0)?;
 
     // log
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {

@@ -84,6 +84,8 @@ pub struct UploadStats {
     pub retries: AtomicU64,
     pub failures: AtomicU64,
     pub active_files: AtomicU64,
+    /// Beats every pass of the scheduler (liveness; see `crate::health`).
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 /// Capped exponential backoff with jitter.
@@ -127,6 +129,21 @@ enum Outcome {
     Retry(String),
     /// Shutdown.
     Interrupted,
+}
+
+/// The `reason` label (see `crate::metrics`) of an attempt that failed or will be retried.
+fn metrics_reason(r: &Result<Outcome, TaskError>) -> String {
+    match r {
+        Ok(Outcome::Failed(_)) => "local".into(),
+        Ok(Outcome::Retry(_)) => "verify".into(),
+        Ok(_) => String::new(),
+        Err(TaskError::Store(e)) => crate::metrics::store_reason(e),
+        Err(TaskError::Journal(_)) => "journal".into(),
+        Err(TaskError::Io(_)) => "io".into(),
+        Err(TaskError::Changed) => "changed".into(),
+        Err(TaskError::Gone) => "gone".into(),
+        Err(TaskError::Interrupted) => String::new(),
+    }
 }
 
 /// Errors inside a file task.
@@ -215,6 +232,7 @@ impl Uploader {
         let work_cancel = CancellationToken::new();
         let poll = Duration::from_millis(250);
         loop {
+            self.stats.heartbeat.beat();
             if !cancel.is_cancelled() && active.len() < max_files {
                 let want = max_files + active.len();
                 match self
@@ -292,7 +310,9 @@ impl Uploader {
     async fn process(self: Arc<Self>, row: FileRow, cancel: CancellationToken) {
         let span = info_span!("file", path = %row.path.display(), key = %row.key, size = row.size);
         async {
-            let outcome = match self.upload_file(&row, &cancel).await {
+            let result = self.upload_file(&row, &cancel).await;
+            let reason = metrics_reason(&result);
+            let outcome = match result {
                 Ok(o) => o,
                 Err(TaskError::Interrupted) => Outcome::Interrupted,
                 Err(TaskError::Changed) => match self.mark_changed(&row).await {
@@ -317,6 +337,7 @@ impl Uploader {
                 Outcome::Done | Outcome::Handled | Outcome::Interrupted => {}
                 Outcome::Failed(err) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::upload_failure(&reason);
                     warn!(error = %err, "upload failed permanently; the file stays until `retry` or the next automatic attempt");
                     let wait = (self.settings.config.upload.failed_retry_secs * 1000.0) as i64;
                     let res = self
@@ -333,6 +354,7 @@ impl Uploader {
                 }
                 Outcome::Retry(err) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::upload_retry(&reason);
                     let mut b = self.backoff();
                     b.attempt = row.attempts.clamp(0, 30) as u32;
                     let delay = b.next_delay();
@@ -403,6 +425,7 @@ impl Uploader {
         cancel: &CancellationToken,
     ) -> Result<(), TaskError> {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::upload_retry(&crate::metrics::store_reason(err));
         let delay = backoff.next_delay();
         debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "request failed; retrying");
         let (id, generation) = (row.id, row.generation);
@@ -539,6 +562,7 @@ impl Uploader {
         }
         crate::failpoint::hit("after-uploaded");
         self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::upload_complete(identity.size, started.elapsed());
         info!(
             bytes = identity.size,
             md5 = %md5_hex,

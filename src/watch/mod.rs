@@ -65,6 +65,8 @@ pub struct WatchStats {
     pub pending: AtomicU64,
     /// Unix seconds of the last completed scan.
     pub last_scan_unix: AtomicU64,
+    /// Beats every pass of the settle loop (liveness; see `crate::health`).
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 struct Pending {
@@ -125,6 +127,7 @@ pub async fn run(
     let mut first_scan = true;
 
     loop {
+        w.stats.heartbeat.beat();
         let sleep_rescan = tokio::time::sleep_until(next_rescan.into());
         tokio::select! {
             biased;
