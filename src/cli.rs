@@ -174,7 +174,7 @@ pub fn main() -> ExitCode {
             if id.is_none() && !failed {
                 return fail("retry needs a row id or --failed", 2);
             }
-            match config::load(&source) {
+            match config::load_without_secret(&source) {
                 Err(e) => fail(&e.to_string(), 2),
                 Ok(s) => match journal::open_rw(&s.config.journal.path)
                     .and_then(|c| journal::requeue_failed(&c, id))
@@ -209,7 +209,7 @@ fn with_journal(
     source: &Source,
     f: impl FnOnce(&Settings, &rusqlite::Connection) -> Result<(), journal::JournalError>,
 ) -> ExitCode {
-    let settings = match config::load(source) {
+    let settings = match config::load_without_secret(source) {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), 2),
     };
@@ -389,7 +389,7 @@ impl crate::import::Progress for Bar {
 }
 
 fn import(source: &Source, dry_run: bool, json: bool) -> ExitCode {
-    let settings = match config::load(source) {
+    let settings = match config::load_without_secret(source) {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), 2),
     };

@@ -12,6 +12,7 @@
 //! `check-config` prints a redacted copy. `tests/ops.rs` runs the binary with a known secret,
 //! at trace level, and greps everything it printed.
 
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
 
 use tracing_subscriber::EnvFilter;
@@ -63,6 +64,7 @@ pub fn init(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

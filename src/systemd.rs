@@ -48,10 +48,9 @@ pub fn status_line(q: &Queue, stall: Option<&Stall>) -> String {
         s.push_str(&format!("STALLED: {st}; "));
     }
     if q.waiting() == 0 {
-        s.push_str(&format!(
-            "idle, {} files stored",
-            q.count(State::Uploaded) + q.count(State::Deleted)
-        ));
+        let stored = q.count(State::Uploaded) + q.count(State::Deleted);
+        let files = if stored == 1 { "file" } else { "files" };
+        s.push_str(&format!("idle, {stored} {files} stored"));
         return s;
     }
     s.push_str(&format!(
@@ -214,6 +213,8 @@ mod tests {
             status_line(&q, None),
             "queued 1, uploading 0 (0 B), failed 3, settling 1, oldest 3h00m"
         );
+        let q = queue(&[(State::Deleted, 1)], 0, 0);
+        assert_eq!(status_line(&q, None), "idle, 1 file stored");
         let q = queue(&[(State::Deleted, 7), (State::Uploaded, 1)], 0, 0);
         assert_eq!(status_line(&q, None), "idle, 8 files stored");
         let stall = Stall {
