@@ -14,6 +14,7 @@ use crate::journal::{self, FileRow, State};
     name = "record-offload",
     version,
     about = "Moves finished recordings from a recording host to S3-compatible object storage (Alibaba Cloud OSS) and keeps legacy playback URLs working.",
+    after_help = "The config is /etc/record-offload/config.toml unless --config says otherwise. status, ls, retry and import read the journal directly and work while the daemon runs; they do not need the storage secret. `record-offload COMMAND --help` explains each command.",
     propagate_version = true
 )]
 pub struct Cli {
@@ -82,10 +83,10 @@ pub enum Command {
         #[arg(long, conflicts_with = "id")]
         failed: bool,
     },
-    /// Queue the files already under watch.root (e.g. on a host that had recordings before
-    /// record-offload was installed), with a progress bar.
+    /// Queue the files already under watch.root (recordings from before the install).
     ///
-    /// Uses the daemon's include/exclude rules. Files modified within watch.settle_secs or held
+    /// For a host that had recordings before record-offload was installed, or to see with
+    /// --dry-run what the daemon is going to take. Shows a progress bar on a terminal. Uses the daemon's include/exclude rules. Files modified within watch.settle_secs or held
     /// open for writing are skipped and counted (the daemon takes them once they settle);
     /// files the journal already knows are left as they are. Works while the daemon runs (it
     /// starts uploading the new rows within a second) or before its first start. --dry-run

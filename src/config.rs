@@ -313,6 +313,21 @@ pub fn load(source: &Source) -> Result<Settings, ConfigError> {
     validate(config)
 }
 
+/// The region id an Alibaba Cloud OSS endpoint host names: `cn-hangzhou` for
+/// `s3.oss-cn-hangzhou.aliyuncs.com`, `oss-cn-hangzhou-internal.aliyuncs.com` or
+/// `bucket.oss-cn-hangzhou.aliyuncs.com`; `None` for other hosts and for the global
+/// acceleration endpoints, which name no region.
+pub fn oss_endpoint_region(host: &str) -> Option<&str> {
+    let rest = host.strip_suffix(".aliyuncs.com")?;
+    let label = rest.rsplit('.').next()?;
+    let region = label.strip_prefix("oss-")?;
+    let region = region.strip_suffix("-internal").unwrap_or(region);
+    if region.is_empty() || region.starts_with("accelerate") {
+        return None;
+    }
+    Some(region)
+}
+
 /// Loads and validates the configuration for a command that only uses the journal (`status`,
 /// `ls`, `retry`, `import`): the storage secret is neither required nor read, so an operator
 /// can run them where the daemon's secret is out of reach (a systemd credential, a file only
@@ -557,6 +572,19 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         return Err(ConfigError::new(
             "storage.region",
             "is required (e.g. cn-hangzhou)",
+        ));
+    }
+    if let Some(host) = endpoint.host_str()
+        && let Some(r) = oss_endpoint_region(host)
+        && r != st.region
+    {
+        // OSS checks the region in every signature: a mismatch fails every request.
+        return Err(ConfigError::new(
+            "storage.region",
+            format!(
+                "is {:?} but the endpoint {host} is in region {r:?}; set region = {r:?}",
+                st.region
+            ),
         ));
     }
     if st.bucket.is_empty() {
@@ -912,6 +940,37 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let e = err_of(&base(dir.path(), &file.join("j.db")));
         assert_eq!(e.key, "journal.path");
+    }
+
+    #[test]
+    fn oss_region_must_match_the_endpoint() {
+        assert_eq!(
+            oss_endpoint_region("s3.oss-cn-hangzhou.aliyuncs.com"),
+            Some("cn-hangzhou")
+        );
+        assert_eq!(
+            oss_endpoint_region("rec.s3.oss-cn-beijing-internal.aliyuncs.com"),
+            Some("cn-beijing")
+        );
+        assert_eq!(
+            oss_endpoint_region("oss-ap-southeast-1.aliyuncs.com"),
+            Some("ap-southeast-1")
+        );
+        assert_eq!(oss_endpoint_region("oss-accelerate.aliyuncs.com"), None);
+        assert_eq!(oss_endpoint_region("s3.amazonaws.com"), None);
+        assert_eq!(oss_endpoint_region("127.0.0.1"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let toml = |region: &str| {
+            format!(
+                "{}endpoint = \"https://s3.oss-cn-hangzhou.aliyuncs.com\"\nregion = \"{region}\"\n",
+                base(dir.path(), &dir.path().join("j.db"))
+            )
+        };
+        assert!(from_toml_str(&toml("cn-hangzhou")).is_ok());
+        let e = err_of(&toml("oss-cn-hangzhou"));
+        assert_eq!(e.key, "storage.region");
+        assert!(e.message.contains("set region = \"cn-hangzhou\""), "{e}");
     }
 
     #[test]

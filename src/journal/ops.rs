@@ -729,9 +729,11 @@ pub fn summary(conn: &Connection) -> Result<Summary, JournalError> {
 }
 
 /// The figures the daemon refreshes every few seconds (`STATUS=`, metrics). Cheaper than
-/// [`summary`]: the counts come from the state index alone, and only waiting rows are read.
+/// [`summary`]: only rows still waiting are read, through the state index. Counting the
+/// stored rows (which grow without bound) is asked for separately, with `stored`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Queue {
+    /// Rows per waiting state, and per final state when they were counted.
     pub counts: BTreeMap<State, u64>,
     /// Bytes of the files not stored yet.
     pub waiting_bytes: u64,
@@ -755,35 +757,34 @@ impl Queue {
     }
 }
 
-pub fn queue(conn: &Connection) -> Result<Queue, JournalError> {
+/// Queue figures; with `stored`, the rows in final states (uploaded, deleted, vanished) are
+/// counted too — a scan of the state index, so callers do that less often on big journals.
+pub fn queue(conn: &Connection, stored: bool) -> Result<Queue, JournalError> {
     let mut q = Queue::default();
-    for st in State::ALL {
+    for st in State::ALL.into_iter().filter(|s| stored || s.is_waiting()) {
         q.counts.insert(st, 0);
     }
-    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM files GROUP BY state")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
-        let (state, n) = row?;
-        if let Some(st) = State::parse(&state) {
-            q.counts.insert(st, n as u64);
-        }
-    }
     let mut stmt = conn.prepare_cached(
-        "SELECT state, COALESCE(SUM(size), 0), MIN(discovered_ms) FROM files
+        "SELECT state, COUNT(*), COALESCE(SUM(size), 0), MIN(discovered_ms) FROM files
          WHERE state IN ('settling', 'queued', 'uploading', 'failed') GROUP BY state",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, i64>(1)?,
-            r.get::<_, Option<i64>>(2)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<i64>>(3)?,
         ))
     })?;
     let mut oldest: Option<i64> = None;
     for row in rows {
-        let (state, bytes, first) = row?;
+        let (state, n, bytes, first) = row?;
+        let Some(st) = State::parse(&state) else {
+            continue;
+        };
+        q.counts.insert(st, n.max(0) as u64);
         q.waiting_bytes += bytes.max(0) as u64;
-        if state == "uploading" {
+        if st == State::Uploading {
             q.uploading_bytes = bytes.max(0) as u64;
         }
         oldest = match (oldest, first) {
@@ -793,6 +794,19 @@ pub fn queue(conn: &Connection) -> Result<Queue, JournalError> {
     }
     if let Some(oldest) = oldest {
         q.oldest_waiting_secs = ((now_ms() - oldest).max(0) / 1000) as u64;
+    }
+    if stored {
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM files
+             WHERE state IN ('uploaded', 'deleted', 'vanished') GROUP BY state",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (state, n) = row?;
+            if let Some(st) = State::parse(&state) {
+                q.counts.insert(st, n.max(0) as u64);
+            }
+        }
     }
     Ok(q)
 }
@@ -919,7 +933,7 @@ mod tests {
     fn queue_figures() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_rw(&dir.path().join("j.db")).unwrap();
-        let q = queue(&conn).unwrap();
+        let q = queue(&conn, true).unwrap();
         assert_eq!(q.waiting(), 0);
         assert_eq!(q.oldest_waiting_secs, 0);
         for (i, size) in [100u64, 200, 300].into_iter().enumerate() {
@@ -930,12 +944,17 @@ mod tests {
             .unwrap();
         let row = get_by_path(&conn, Path::new("f1")).unwrap().unwrap();
         start_upload(&conn, row.id, row.generation, None, 5).unwrap();
-        let q = queue(&conn).unwrap();
-        assert_eq!(q.count(State::Queued), 2);
-        assert_eq!(q.count(State::Uploading), 1);
+        let row = get_by_path(&conn, Path::new("f2")).unwrap().unwrap();
+        set_uploaded(&conn, row.id, row.generation, &ident(300, 2), "m").unwrap();
+        let q = queue(&conn, false).unwrap();
+        assert_eq!(q.counts.get(&State::Uploaded), None, "not counted");
+        let q = queue(&conn, true).unwrap();
+        assert_eq!(q.count(State::Uploaded), 1);
         assert_eq!(q.count(State::Deleted), 0);
-        assert_eq!(q.waiting(), 3);
-        assert_eq!(q.waiting_bytes, 600);
+        assert_eq!(q.count(State::Queued), 1);
+        assert_eq!(q.count(State::Uploading), 1);
+        assert_eq!(q.waiting(), 2);
+        assert_eq!(q.waiting_bytes, 300);
         assert_eq!(q.uploading_bytes, 200);
         assert!(
             (90..100).contains(&q.oldest_waiting_secs),
