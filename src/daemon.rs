@@ -15,10 +15,10 @@
 //! uploads this node left in the bucket without a journal row are aborted (where the store can
 //! list them). Rows that were `uploading` simply become due and resume from their parts.
 //!
-//! Shutdown (the future passed to [`run`] completes): systemd hears `STOPPING=1`, the watcher and the intake stop at once,
-//! the uploader finishes what is in flight for up to `upload.drain_secs` and abandons the rest
-//! (resumed at the next start); every journal write is a complete transaction, so the journal
-//! is consistent whenever the process stops.
+//! Shutdown (the future passed to [`run`] completes): systemd hears `STOPPING=1`, the watcher
+//! and the intake stop at once, the uploader finishes what is in flight for up to
+//! `upload.drain_secs` and abandons the rest (resumed at the next start); every journal write
+//! is a complete transaction, so the journal is consistent whenever the process stops.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -197,6 +197,7 @@ impl Daemon {
             Monitor {
                 liveness: liveness.clone(),
                 journal: journal.clone(),
+                uploads: uploader.stats.clone(),
                 watch_root: cfg.watch.root.clone(),
             }
             .run(monitor_stop.clone()),
@@ -226,14 +227,22 @@ impl Daemon {
     }
 
     /// Waits until every stage has stopped.
-    pub async fn wait(self) {
+    pub async fn wait(mut self) {
         self.tracker.wait().await;
         self.monitor_stop.cancel();
-        let _ = self.monitor.await;
+        let _ = (&mut self.monitor).await;
         if health::current().is_some_and(|l| Arc::ptr_eq(&l, &self.liveness)) {
             health::set_current(None);
         }
         info!("record-offload stopped");
+    }
+}
+
+impl Drop for Daemon {
+    /// A daemon dropped without [`Daemon::wait`] (a test, a failed start) leaves no monitor
+    /// behind.
+    fn drop(&mut self) {
+        self.monitor_stop.cancel();
     }
 }
 

@@ -41,23 +41,34 @@ pub fn watchdog() -> Option<Duration> {
     sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
 }
 
-/// The one-line queue summary of `STATUS=`.
-pub fn status_line(q: &Queue, stall: Option<&Stall>) -> String {
+/// Files being uploaded right now, and their total size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// The one-line queue summary of `STATUS=`: files waiting for their turn, files in flight
+/// (with their size), failed files, files waiting to settle again, and the oldest file's age.
+pub fn status_line(q: &Queue, in_flight: InFlight, stall: Option<&Stall>) -> String {
     let mut s = String::new();
     if let Some(st) = stall {
         s.push_str(&format!("STALLED: {st}; "));
     }
-    if q.waiting() == 0 {
+    if q.waiting() == 0 && in_flight.files == 0 {
         let stored = q.count(State::Uploaded) + q.count(State::Deleted);
         let files = if stored == 1 { "file" } else { "files" };
         s.push_str(&format!("idle, {stored} {files} stored"));
         return s;
     }
+    // Files in flight are `queued` (small ones), `uploading` (multipart) or `failed` (a
+    // retry) in the journal: what remains of the first two is waiting for a slot.
+    let queued =
+        (q.count(State::Queued) + q.count(State::Uploading)).saturating_sub(in_flight.files);
     s.push_str(&format!(
-        "queued {}, uploading {} ({})",
-        q.count(State::Queued),
-        q.count(State::Uploading),
-        human_bytes(q.uploading_bytes)
+        "queued {queued}, uploading {} ({})",
+        in_flight.files,
+        human_bytes(in_flight.bytes)
     ));
     if q.count(State::Failed) > 0 {
         s.push_str(&format!(", failed {}", q.count(State::Failed)));
@@ -73,6 +84,7 @@ pub fn status_line(q: &Queue, stall: Option<&Stall>) -> String {
 pub(crate) struct Monitor {
     pub liveness: Arc<Liveness>,
     pub journal: Journal,
+    pub uploads: Arc<crate::upload::UploadStats>,
     pub watch_root: std::path::PathBuf,
 }
 
@@ -190,7 +202,11 @@ impl Monitor {
             if self.liveness.is_stopping() {
                 continue;
             }
-            let line = status_line(&q, self.liveness.stalled().as_ref());
+            let in_flight = InFlight {
+                files: self.uploads.active_files.load(Ordering::Relaxed),
+                bytes: self.uploads.active_bytes.load(Ordering::Relaxed),
+            };
+            let line = status_line(&q, in_flight, self.liveness.stalled().as_ref());
             notify(&[NotifyState::Status(&line)]);
         }
     }
@@ -214,13 +230,13 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        let q = queue(
-            &[(State::Queued, 12), (State::Uploading, 2)],
-            1_395_864_371,
-            240,
-        );
+        let q = queue(&[(State::Queued, 13), (State::Uploading, 1)], 0, 240);
+        let two = InFlight {
+            files: 2,
+            bytes: 1_395_864_371,
+        };
         assert_eq!(
-            status_line(&q, None),
+            status_line(&q, two, None),
             "queued 12, uploading 2 (1.3 GiB), oldest 4m"
         );
         let q = queue(
@@ -229,19 +245,25 @@ mod tests {
             3 * 3600,
         );
         assert_eq!(
-            status_line(&q, None),
+            status_line(&q, InFlight::default(), None),
             "queued 1, uploading 0 (0 B), failed 3, settling 1, oldest 3h00m"
         );
         let q = queue(&[(State::Deleted, 1)], 0, 0);
-        assert_eq!(status_line(&q, None), "idle, 1 file stored");
+        assert_eq!(
+            status_line(&q, InFlight::default(), None),
+            "idle, 1 file stored"
+        );
         let q = queue(&[(State::Deleted, 7), (State::Uploaded, 1)], 0, 0);
-        assert_eq!(status_line(&q, None), "idle, 8 files stored");
+        assert_eq!(
+            status_line(&q, InFlight::default(), None),
+            "idle, 8 files stored"
+        );
         let stall = Stall {
             stage: "intake",
             age: Duration::from_secs(130),
         };
         assert_eq!(
-            status_line(&q, Some(&stall)),
+            status_line(&q, InFlight::default(), Some(&stall)),
             "STALLED: intake made no progress for 2m; idle, 8 files stored"
         );
     }

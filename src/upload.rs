@@ -84,6 +84,8 @@ pub struct UploadStats {
     pub retries: AtomicU64,
     pub failures: AtomicU64,
     pub active_files: AtomicU64,
+    /// Total size of the files in `active_files` (the `STATUS=` line).
+    pub active_bytes: AtomicU64,
     /// Beats every pass of the scheduler (liveness; see `crate::health`).
     pub heartbeat: Arc<crate::health::Heartbeat>,
 }
@@ -226,7 +228,7 @@ impl Uploader {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let max_files = self.settings.config.upload.concurrency * 4;
         let mut active: HashSet<i64> = HashSet::new();
-        let mut task_rows: HashMap<tokio::task::Id, i64> = HashMap::new();
+        let mut task_rows: HashMap<tokio::task::Id, (i64, u64)> = HashMap::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
         // File tasks see this token; it fires only when the drain time is over.
         let work_cancel = CancellationToken::new();
@@ -248,10 +250,11 @@ impl Uploader {
                             if active.insert(row.id) {
                                 let me = self.clone();
                                 let token = work_cancel.clone();
-                                let id = row.id;
+                                let (id, size) = (row.id, row.size);
+                                self.stats.active_bytes.fetch_add(size, Ordering::Relaxed);
                                 let handle =
                                     tasks.spawn(async move { me.process(row, token).await });
-                                task_rows.insert(handle.id(), id);
+                                task_rows.insert(handle.id(), (id, size));
                             }
                         }
                     }
@@ -271,8 +274,9 @@ impl Uploader {
                             e.id()
                         }
                     };
-                    if let Some(id) = task_rows.remove(&task) {
+                    if let Some((id, size)) = task_rows.remove(&task) {
                         active.remove(&id);
+                        self.stats.active_bytes.fetch_sub(size, Ordering::Relaxed);
                     }
                 }
                 _ = self.wake.notified() => {}
