@@ -127,7 +127,32 @@ impl Notes {
     }
 }
 
-fn spawn(cfg: &Path, notify: &Path, envs: &[(&str, &str)], log: &Path) -> Child {
+/// The daemon process; killed if a test fails before it stopped it.
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(cfg: &Path, notify: &Path, envs: &[(&str, &str)], log: &Path) -> Running {
     let log = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_record-offload"));
     cmd.args(["run", "--config"])
@@ -144,7 +169,7 @@ fn spawn(cfg: &Path, notify: &Path, envs: &[(&str, &str)], log: &Path) -> Child 
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    cmd.spawn().unwrap()
+    Running(cmd.spawn().unwrap())
 }
 
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
