@@ -14,6 +14,7 @@ use crate::journal::{self, FileRow, State};
     name = "record-offload",
     version,
     about = "Moves finished recordings from a recording host to S3-compatible object storage (Alibaba Cloud OSS) and keeps legacy playback URLs working.",
+    after_help = "The config is /etc/record-offload/config.toml unless --config says otherwise. status, ls, retry and import read the journal directly and work while the daemon runs; they do not need the storage secret. `record-offload COMMAND --help` explains each command.",
     propagate_version = true
 )]
 pub struct Cli {
@@ -33,16 +34,32 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground until SIGTERM or SIGINT, then drain and exit 0.
+    ///
+    /// This is what systemd runs (Type=notify): READY=1 once the journal is recovered and the
+    /// look-up listeners are bound, a queue summary in STATUS= (see `systemctl status`),
+    /// watchdog pings while every stage of the pipeline makes progress, STOPPING=1 on shutdown.
+    /// Logs go to journald when stderr is the journal, to stderr otherwise; the level is
+    /// `log.level`, or RUST_LOG when set.
     Run,
     /// Validate the config and print the effective settings (secrets redacted).
+    ///
+    /// Exits non-zero with one line naming the key and what is wrong with it. The unit runs it
+    /// as ExecStartPre=, so a bad config never starts the daemon.
     CheckConfig,
-    /// Counts per state, bytes waiting, age of the oldest waiting file, last errors.
+    /// Files and bytes per state, bytes waiting, age of the oldest waiting file, last errors.
+    ///
+    /// Reads the journal, so it works while the daemon runs. States: settling (changed, waits
+    /// to settle again), queued, uploading, uploaded (stored, local copy still there), deleted
+    /// (stored, local copy removed), failed (permanent error; see `retry`), vanished (removed
+    /// before it was stored). With --json: {"counts": {STATE: N}, "bytes": {STATE: N},
+    /// "bytes_waiting": N, "oldest_waiting_secs": N, "bytes_uploading_sent": N,
+    /// "last_errors": [{"id", "path", "state", "error", "at_ms"}]}.
     Status {
-        /// Machine-readable output.
+        /// Machine-readable output (one JSON object).
         #[arg(long)]
         json: bool,
     },
-    /// List journal rows.
+    /// List journal rows (id, state, size, path; the last error of files still waiting).
     Ls {
         /// Only rows in this state (settling, queued, uploading, uploaded, deleted, failed, vanished).
         #[arg(long)]
@@ -55,12 +72,33 @@ pub enum Command {
         limit: Option<usize>,
     },
     /// Re-queue failed files: one by its id, or all with --failed.
+    ///
+    /// Failed files are also retried by themselves after upload.failed_retry_secs; this does
+    /// it at once, e.g. after fixing credentials or creating the bucket. Works while the daemon
+    /// runs: it picks the rows up within a second.
     Retry {
         /// The row id (see `ls`).
         id: Option<i64>,
         /// Every failed row.
         #[arg(long, conflicts_with = "id")]
         failed: bool,
+    },
+    /// Queue the files already under watch.root (recordings from before the install).
+    ///
+    /// For a host that had recordings before record-offload was installed, or to see with
+    /// --dry-run what the daemon is going to take. Shows a progress bar on a terminal. Uses the daemon's include/exclude rules. Files modified within watch.settle_secs or held
+    /// open for writing are skipped and counted (the daemon takes them once they settle);
+    /// files the journal already knows are left as they are. Works while the daemon runs (it
+    /// starts uploading the new rows within a second) or before its first start. --dry-run
+    /// only reports what would be queued and writes nothing. Exits 1 if some files could not
+    /// be queued (listed), 2 if the config or journal cannot be used.
+    Import {
+        /// Report what would be queued; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable report (one JSON object).
+        #[arg(long)]
+        json: bool,
     },
     /// Try the daemon on this machine: a local S3-compatible server, a watch directory and a
     /// journal in a scratch folder.
@@ -137,7 +175,7 @@ pub fn main() -> ExitCode {
             if id.is_none() && !failed {
                 return fail("retry needs a row id or --failed", 2);
             }
-            match config::load(&source) {
+            match config::load_without_secret(&source) {
                 Err(e) => fail(&e.to_string(), 2),
                 Ok(s) => match journal::open_rw(&s.config.journal.path)
                     .and_then(|c| journal::requeue_failed(&c, id))
@@ -151,6 +189,7 @@ pub fn main() -> ExitCode {
                 },
             }
         }
+        Command::Import { dry_run, json } => import(&source, dry_run, json),
         #[cfg(feature = "dev-server")]
         Command::Demo { dir, settle_secs } => demo(&dir, settle_secs),
         #[cfg(feature = "dev-server")]
@@ -171,7 +210,7 @@ fn with_journal(
     source: &Source,
     f: impl FnOnce(&Settings, &rusqlite::Connection) -> Result<(), journal::JournalError>,
 ) -> ExitCode {
-    let settings = match config::load(source) {
+    let settings = match config::load_without_secret(source) {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string(), 2),
     };
@@ -185,15 +224,10 @@ fn with_journal(
     }
 }
 
+/// Sets up logging: journald when stderr is the journal, plain stderr otherwise (see
+/// [`crate::logging`]).
 pub fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    crate::logging::init(level)
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -326,6 +360,105 @@ fn ls(
         );
     }
     Ok(())
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl crate::import::Progress for Bar {
+    fn scanning(&self, root: &std::path::Path) {
+        self.0.set_message(format!("scanning {}", root.display()));
+        self.0
+            .enable_steady_tick(std::time::Duration::from_millis(120));
+    }
+    fn recording(&self, total: u64) {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {human_pos}/{human_len} files ({eta} left)",
+        ) {
+            self.0.set_style(style.progress_chars("=> "));
+        }
+        self.0.set_message("queueing");
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn import(source: &Source, dry_run: bool, json: bool) -> ExitCode {
+    let settings = match config::load_without_secret(source) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    let bar = Bar(indicatif::ProgressBar::new_spinner());
+    let report = match crate::import::import(&settings, dry_run, &bar) {
+        Ok(r) => r,
+        Err(e) => {
+            bar.0.finish_and_clear();
+            return fail(&e.to_string(), 2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(&e.to_string(), 2),
+        }
+    } else {
+        print_import(&settings, &report);
+    }
+    if report.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_import(settings: &Settings, r: &crate::import::Report) {
+    let root = settings.config.watch.root.display();
+    println!(
+        "found {} files ({}) under {root}",
+        r.found,
+        human_bytes(r.found_bytes)
+    );
+    let verb = if r.dry_run { "would queue" } else { "queued" };
+    println!("{verb} {} ({})", r.queued, human_bytes(r.queued_bytes));
+    if r.already_known > 0 {
+        println!("already in the journal: {}", r.already_known);
+    }
+    if r.already_stored > 0 {
+        println!(
+            "already stored: {} (the daemon removes their local copies at its next scan)",
+            r.already_stored
+        );
+    }
+    if r.skipped_recent + r.skipped_open > 0 {
+        println!(
+            "skipped, not finished yet: {} modified within watch.settle_secs ({} s), {} open for writing (the daemon takes them once they settle)",
+            r.skipped_recent, settings.config.watch.settle_secs, r.skipped_open
+        );
+    }
+    if r.processes_unreadable > 0 {
+        println!(
+            "note: the open files of {} processes could not be read; run as root to check them all",
+            r.processes_unreadable
+        );
+    }
+    if r.unreadable > 0 {
+        println!("could not read {} entries", r.unreadable);
+    }
+    if r.failed > 0 {
+        println!("could not queue {}:", r.failed);
+    }
+    for p in &r.problems {
+        println!("  {p}");
+    }
+    if r.dry_run {
+        println!("dry run: nothing was written");
+    }
 }
 
 #[cfg(feature = "dev-server")]

@@ -65,6 +65,7 @@ pub struct Config {
     pub upload: UploadConfig,
     pub lookup: LookupConfig,
     pub log: LogConfig,
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,6 +252,20 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// A pipeline stage (watcher, intake, uploader, journal writer) that shows no progress for
+    /// this long is stalled: the systemd watchdog pings stop and `/healthz` answers 503.
+    pub stall_secs: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { stall_secs: 120.0 }
+    }
+}
+
 /// A listen address of the look-up server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -280,6 +295,9 @@ impl Settings {
     pub fn prune_after(&self) -> Duration {
         Duration::from_secs_f64(self.config.watch.prune_after_secs)
     }
+    pub fn stall_allowance(&self) -> Duration {
+        Duration::from_secs_f64(self.config.health.stall_secs)
+    }
     pub fn part_size(&self) -> u64 {
         self.config.upload.part_size_mib * 1024 * 1024
     }
@@ -299,6 +317,35 @@ pub struct Source {
 pub fn load(source: &Source) -> Result<Settings, ConfigError> {
     let config = load_unvalidated(source)?;
     validate(config)
+}
+
+/// The region id an Alibaba Cloud OSS endpoint host names: `cn-hangzhou` for
+/// `s3.oss-cn-hangzhou.aliyuncs.com`, `oss-cn-hangzhou-internal.aliyuncs.com` or
+/// `bucket.oss-cn-hangzhou.aliyuncs.com`; `None` for other hosts and for the global
+/// acceleration endpoints, which name no region.
+pub fn oss_endpoint_region(host: &str) -> Option<&str> {
+    let rest = host.strip_suffix(".aliyuncs.com")?;
+    let label = rest.rsplit('.').next()?;
+    let region = label.strip_prefix("oss-")?;
+    let region = region.strip_suffix("-internal").unwrap_or(region);
+    if region.is_empty() || region.starts_with("accelerate") {
+        return None;
+    }
+    Some(region)
+}
+
+/// Loads and validates the configuration for a command that only uses the journal (`status`,
+/// `ls`, `retry`, `import`): the storage secret is neither required nor read, so an operator
+/// can run them where the daemon's secret is out of reach (a systemd credential, a file only
+/// the service user reads). The returned settings carry no secret.
+pub fn load_without_secret(source: &Source) -> Result<Settings, ConfigError> {
+    let mut config = load_unvalidated(source)?;
+    config.storage.access_key_secret = "unused".to_string();
+    config.storage.access_key_secret_file = None;
+    let mut settings = validate(config)?;
+    settings.config.storage.access_key_secret.clear();
+    settings.secret.clear();
+    Ok(settings)
 }
 
 /// Merges defaults, file and environment, checking types and unknown keys only.
@@ -533,6 +580,19 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
             "is required (e.g. cn-hangzhou)",
         ));
     }
+    if let Some(host) = endpoint.host_str()
+        && let Some(r) = oss_endpoint_region(host)
+        && r != st.region
+    {
+        // OSS checks the region in every signature: a mismatch fails every request.
+        return Err(ConfigError::new(
+            "storage.region",
+            format!(
+                "is {:?} but the endpoint {host} is in region {r:?}; set region = {r:?}",
+                st.region
+            ),
+        ));
+    }
     if st.bucket.is_empty() {
         return Err(ConfigError::new("storage.bucket", "is required"));
     }
@@ -640,6 +700,10 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
             ));
         }
     }
+
+    // health
+    // Idle stages beat about once a second: the allowance must leave room for that.
+    check_secs("health.stall_secs", config.health.stall_secs, 2.0, 86400.0)?;
 
     // log
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
@@ -901,6 +965,37 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let e = err_of(&base(dir.path(), &file.join("j.db")));
         assert_eq!(e.key, "journal.path");
+    }
+
+    #[test]
+    fn oss_region_must_match_the_endpoint() {
+        assert_eq!(
+            oss_endpoint_region("s3.oss-cn-hangzhou.aliyuncs.com"),
+            Some("cn-hangzhou")
+        );
+        assert_eq!(
+            oss_endpoint_region("rec.s3.oss-cn-beijing-internal.aliyuncs.com"),
+            Some("cn-beijing")
+        );
+        assert_eq!(
+            oss_endpoint_region("oss-ap-southeast-1.aliyuncs.com"),
+            Some("ap-southeast-1")
+        );
+        assert_eq!(oss_endpoint_region("oss-accelerate.aliyuncs.com"), None);
+        assert_eq!(oss_endpoint_region("s3.amazonaws.com"), None);
+        assert_eq!(oss_endpoint_region("127.0.0.1"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let toml = |region: &str| {
+            format!(
+                "{}endpoint = \"https://s3.oss-cn-hangzhou.aliyuncs.com\"\nregion = \"{region}\"\n",
+                base(dir.path(), &dir.path().join("j.db"))
+            )
+        };
+        assert!(from_toml_str(&toml("cn-hangzhou")).is_ok());
+        let e = err_of(&toml("oss-cn-hangzhou"));
+        assert_eq!(e.key, "storage.region");
+        assert!(e.message.contains("set region = \"cn-hangzhou\""), "{e}");
     }
 
     #[test]

@@ -6,19 +6,24 @@
 //!    └──────────── files that changed ───────────────┘
 //! ```
 //!
-//! Start-up recovers before anything new is taken: stored files whose local copy is still
+//! Start-up, in this order (see [`Daemon::start`]): open and recover the journal, start the
+//! stages, bind the listeners, then tell systemd `READY=1` and start the monitor (status line,
+//! metrics refresh, watchdog; see `crate::systemd` and `crate::health`).
+//!
+//! Recovery comes before anything new is taken: stored files whose local copy is still
 //! there are deleted, rows that were waiting to settle go back to the watcher, and multipart
 //! uploads this node left in the bucket without a journal row are aborted (where the store can
 //! list them). Rows that were `uploading` simply become due and resume from their parts.
 //!
-//! Shutdown (the future passed to [`run`] completes): the watcher and the intake stop at once,
-//! the uploader finishes what is in flight for up to `upload.drain_secs` and abandons the rest
-//! (resumed at the next start); every journal write is a complete transaction, so the journal
-//! is consistent whenever the process stops.
+//! Shutdown (the future passed to [`run`] completes): systemd hears `STOPPING=1`, the watcher
+//! and the intake stop at once, the uploader finishes what is in flight for up to
+//! `upload.drain_secs` and abandons the rest (resumed at the next start); every journal write
+//! is a complete transaction, so the journal is consistent whenever the process stops.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -29,9 +34,11 @@ use tracing::{info, warn};
 use crate::config::Settings;
 use crate::delete::DeleteJob;
 use crate::fsutil::Root;
+use crate::health::{self, Heartbeat, Liveness};
 use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
 use crate::keys::KeyTemplate;
 use crate::store::Store;
+use crate::systemd::{self, Monitor};
 use crate::upload::{UploadStats, Uploader};
 use crate::watch::{self, Settled, WatchParams, WatchStats};
 
@@ -54,15 +61,24 @@ pub struct Daemon {
     pub journal: Journal,
     pub uploader: Arc<Uploader>,
     pub watch_stats: Arc<WatchStats>,
+    /// Whether every stage makes progress (`/healthz`, the watchdog).
+    pub liveness: Arc<Liveness>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    monitor: tokio::task::JoinHandle<()>,
+    monitor_stop: CancellationToken,
 }
 
 impl Daemon {
-    /// Opens the journal, recovers, and starts every stage.
+    /// Opens the journal, recovers, starts every stage, and tells systemd it is ready.
     pub async fn start(settings: Settings) -> Result<Daemon, DaemonError> {
         let settings = Arc::new(settings);
         let cfg = &settings.config;
+
+        // 1. The journal, and recovery of what the last run left.
+        systemd::notify(&[sd_notify::NotifyState::Status(
+            "starting: recovering the journal",
+        )]);
         let journal = Journal::open(&cfg.journal.path)?;
         let root = Arc::new(
             Root::open(&cfg.watch.root).map_err(|source| DaemonError::Root {
@@ -131,14 +147,23 @@ impl Daemon {
             let uploader = uploader.clone();
             let cancel = cancel.clone();
             tracker.spawn(async move {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = abort_stray_uploads(store, journal, prefix) => {}
+                let cleanup = abort_stray_uploads(store, journal, prefix);
+                tokio::pin!(cleanup);
+                let mut beat = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    // The uploader is alive while it waits for the clean-up.
+                    uploader.stats.heartbeat.beat();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = &mut cleanup => break,
+                        _ = beat.tick() => {}
+                    }
                 }
                 uploader.run(cancel).await;
             });
         }
 
+        // 2. The stages.
         let watch_stats = Arc::new(WatchStats::default());
         let params = WatchParams {
             root: cfg.watch.root.clone(),
@@ -159,12 +184,14 @@ impl Daemon {
             watch_stats.clone(),
             cancel.clone(),
         ));
+        let intake_beat = Arc::new(Heartbeat::default());
         tracker.spawn(intake(
             settled_rx,
             journal.clone(),
             template,
             cfg.node.name.clone(),
             uploader.clone(),
+            intake_beat.clone(),
             cancel.clone(),
         ));
         tracker.spawn(crate::prune::run(
@@ -174,26 +201,79 @@ impl Daemon {
             cancel.clone(),
         ));
         tracker.close();
+
+        // 3. Listeners: every `lookup.listen` address is bound here, before READY=1, so that
+        //    systemd (and whatever is ordered after us) never sees a ready daemon that cannot
+        //    answer. A bind error must cancel the stages started above and fail the start.
+
+        // 4. Liveness, the monitor, and READY=1.
+        let liveness = Arc::new(Liveness::new(
+            vec![
+                (health::WATCHER, watch_stats.heartbeat.clone()),
+                (health::INTAKE, intake_beat),
+                (health::UPLOADER, uploader.stats.heartbeat.clone()),
+                (health::JOURNAL, journal.heartbeat()),
+            ],
+            settings.stall_allowance(),
+        ));
+        health::set_current(Some(liveness.clone()));
         info!(root = %cfg.watch.root.display(), bucket = %cfg.storage.bucket,
               endpoint = %cfg.storage.endpoint, node = %cfg.node.name, "record-offload started");
+        systemd::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("started"),
+        ]);
+        let monitor_stop = CancellationToken::new();
+        let monitor = tokio::spawn(
+            Monitor {
+                liveness: liveness.clone(),
+                journal: journal.clone(),
+                uploads: uploader.stats.clone(),
+                watch_root: cfg.watch.root.clone(),
+            }
+            .run(monitor_stop.clone()),
+        );
         Ok(Daemon {
             journal,
             uploader,
             watch_stats,
+            liveness,
             cancel,
             tracker,
+            monitor,
+            monitor_stop,
         })
     }
 
     /// Asks every stage to stop (see the module doc for what that means).
     pub fn shutdown(&self) {
+        if !self.cancel.is_cancelled() {
+            self.liveness.set_stopping();
+            systemd::notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("stopping: finishing the uploads in flight"),
+            ]);
+        }
         self.cancel.cancel();
     }
 
     /// Waits until every stage has stopped.
-    pub async fn wait(self) {
+    pub async fn wait(mut self) {
         self.tracker.wait().await;
+        self.monitor_stop.cancel();
+        let _ = (&mut self.monitor).await;
+        if health::current().is_some_and(|l| Arc::ptr_eq(&l, &self.liveness)) {
+            health::set_current(None);
+        }
         info!("record-offload stopped");
+    }
+}
+
+impl Drop for Daemon {
+    /// A daemon dropped without [`Daemon::wait`] (a test, a failed start) leaves no monitor
+    /// behind.
+    fn drop(&mut self) {
+        self.monitor_stop.cancel();
     }
 }
 
@@ -217,18 +297,26 @@ async fn intake(
     template: KeyTemplate,
     node: String,
     uploader: Arc<Uploader>,
+    heartbeat: Arc<Heartbeat>,
     cancel: CancellationToken,
 ) {
     let delete_after_upload = uploader.settings.config.upload.delete_after_upload;
     let retry_wait = (uploader.settings.config.upload.failed_retry_secs * 1000.0) as i64;
     loop {
+        heartbeat.beat();
         let first = tokio::select! {
             _ = cancel.cancelled() => break,
             f = rx.recv() => match f {
                 Some(f) => f,
                 None => break,
             },
+            // Waiting for work is progress too (see `crate::health`).
+            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
         };
+        crate::failpoint::stall("intake", &cancel).await;
+        if cancel.is_cancelled() {
+            break;
+        }
         let mut batch = vec![first];
         while batch.len() < 512 {
             match rx.try_recv() {

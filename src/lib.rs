@@ -16,6 +16,11 @@
 //! - [`lookup`]: playback look-ups: legacy path parsing, URL signing.
 //! - [`md5pair`]: the MD5 of a part and of the whole file in one pass.
 //! - [`daemon`]: wires the stages together, recovery at start, graceful shutdown.
+//! - [`health`]: liveness of the stages (heartbeats), behind `/healthz` and the watchdog.
+//! - [`metrics`]: Prometheus metrics for `/metrics`.
+//! - [`systemd`]: `sd_notify` (READY, STATUS, WATCHDOG, STOPPING) and the monitor task.
+//! - [`logging`]: journald when stderr is the journal, plain text otherwise.
+//! - [`import`]: queues the files of an existing tree (`record-offload import`).
 //! - [`cli`]: the `record-offload` command line.
 //! - `devserver` (feature `dev-server`): a local S3-compatible server for the demo, tests and
 //!   benchmarks.
@@ -28,12 +33,17 @@ pub mod delete;
 pub mod devserver;
 pub mod failpoint;
 pub mod fsutil;
+pub mod health;
+pub mod import;
 pub mod journal;
 pub mod keys;
+pub mod logging;
 pub mod lookup;
 pub mod md5pair;
+pub mod metrics;
 pub mod prune;
 pub mod store;
+pub mod systemd;
 pub mod throttle;
 pub mod upload;
 pub mod watch;

@@ -130,6 +130,15 @@ impl Windows {
             .saturating_sub(Duration::from_secs(u64::from(second)))
     }
 
+    /// Whether a window is open now (local time).
+    pub fn is_open_now(&self) -> bool {
+        if self.ranges.is_empty() {
+            return true;
+        }
+        let now = chrono::Local::now();
+        self.is_open_at(now.hour() * 60 + now.minute())
+    }
+
     /// Waits until a window is open (now, in local time). Re-checks at least every minute,
     /// so clock and time-zone changes are followed. Returns false if cancelled.
     pub async fn wait_open(&self, cancel: &CancellationToken) -> bool {

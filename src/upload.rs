@@ -90,6 +90,10 @@ pub struct UploadStats {
     pub retries: AtomicU64,
     pub failures: AtomicU64,
     pub active_files: AtomicU64,
+    /// Total size of the files in `active_files` (the `STATUS=` line).
+    pub active_bytes: AtomicU64,
+    /// Beats every pass of the scheduler (liveness; see `crate::health`).
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 /// Capped exponential backoff with jitter.
@@ -133,6 +137,21 @@ enum Outcome {
     Retry(String),
     /// Shutdown.
     Interrupted,
+}
+
+/// The `reason` label (see `crate::metrics`) of an attempt that failed or will be retried.
+fn metrics_reason(r: &Result<Outcome, TaskError>) -> String {
+    match r {
+        Ok(Outcome::Failed(_)) => "local".into(),
+        Ok(Outcome::Retry(_)) => "verify".into(),
+        Ok(_) => String::new(),
+        Err(TaskError::Store(e)) => crate::metrics::store_reason(e),
+        Err(TaskError::Journal(_)) => "journal".into(),
+        Err(TaskError::Io(_)) => "io".into(),
+        Err(TaskError::Changed) => "changed".into(),
+        Err(TaskError::Gone) => "gone".into(),
+        Err(TaskError::Interrupted) => String::new(),
+    }
 }
 
 /// Errors inside a file task.
@@ -225,7 +244,7 @@ impl Uploader {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let max_files = self.settings.config.upload.concurrency * 4;
         let mut active: HashSet<i64> = HashSet::new();
-        let mut task_rows: HashMap<tokio::task::Id, i64> = HashMap::new();
+        let mut task_rows: HashMap<tokio::task::Id, (i64, u64)> = HashMap::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
         // Due rows read ahead, so finishing a file does not cost a journal query.
         let mut backlog: VecDeque<FileRow> = VecDeque::new();
@@ -235,6 +254,7 @@ impl Uploader {
         let work_cancel = CancellationToken::new();
         let poll = Duration::from_millis(250);
         loop {
+            self.stats.heartbeat.beat();
             if !cancel.is_cancelled() && backlog.is_empty() && more_due {
                 let want = max_files * 4 + active.len();
                 match self
@@ -249,21 +269,20 @@ impl Uploader {
                     Err(e) => warn!(error = %e, "cannot read due files from the journal"),
                 }
             }
-            // Outside the upload windows no new file starts (not even a multipart upload);
-            // waiting for one ends at once on shutdown.
-            if !backlog.is_empty() && !self.windows.wait_open(&cancel).await {
-                break;
-            }
-            while !cancel.is_cancelled() && active.len() < max_files {
+            // Outside the upload windows no new file starts (not even a multipart upload); the
+            // loop keeps turning (and its heartbeat beating) while it waits.
+            let window_open = self.windows.is_open_now();
+            while window_open && !cancel.is_cancelled() && active.len() < max_files {
                 let Some(row) = backlog.pop_front() else {
                     break;
                 };
                 if active.insert(row.id) {
                     let me = self.clone();
                     let token = work_cancel.clone();
-                    let id = row.id;
+                    let (id, size) = (row.id, row.size);
+                    self.stats.active_bytes.fetch_add(size, Ordering::Relaxed);
                     let handle = tasks.spawn(async move { me.process(row, token).await });
-                    task_rows.insert(handle.id(), id);
+                    task_rows.insert(handle.id(), (id, size));
                 }
             }
             self.stats
@@ -279,8 +298,9 @@ impl Uploader {
                             e.id()
                         }
                     };
-                    if let Some(id) = task_rows.remove(&task) {
+                    if let Some((id, size)) = task_rows.remove(&task) {
                         active.remove(&id);
+                        self.stats.active_bytes.fetch_sub(size, Ordering::Relaxed);
                     }
                 }
                 _ = self.wake.notified() => more_due = true,
@@ -318,7 +338,9 @@ impl Uploader {
     async fn process(self: Arc<Self>, row: FileRow, cancel: CancellationToken) {
         let span = info_span!("file", path = %row.path.display(), key = %row.key, size = row.size);
         async {
-            let outcome = match self.upload_file(&row, &cancel).await {
+            let result = self.upload_file(&row, &cancel).await;
+            let reason = metrics_reason(&result);
+            let outcome = match result {
                 Ok(o) => o,
                 Err(TaskError::Interrupted) => Outcome::Interrupted,
                 Err(TaskError::Changed) => match self.mark_changed(&row).await {
@@ -343,6 +365,7 @@ impl Uploader {
                 Outcome::Done | Outcome::Handled | Outcome::Interrupted => {}
                 Outcome::Failed(err) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::upload_failure(&reason);
                     warn!(error = %err, "upload failed permanently; the file stays until `retry` or the next automatic attempt");
                     let wait = (self.settings.config.upload.failed_retry_secs * 1000.0) as i64;
                     let res = self
@@ -359,6 +382,7 @@ impl Uploader {
                 }
                 Outcome::Retry(err) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::upload_retry(&reason);
                     let mut b = self.backoff();
                     b.attempt = row.attempts.clamp(0, 30) as u32;
                     let delay = b.next_delay();
@@ -429,6 +453,7 @@ impl Uploader {
         cancel: &CancellationToken,
     ) -> Result<(), TaskError> {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::upload_retry(&crate::metrics::store_reason(err));
         let delay = backoff.next_delay();
         debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "request failed; retrying");
         let (id, generation) = (row.id, row.generation);
@@ -566,6 +591,7 @@ impl Uploader {
         }
         crate::failpoint::hit("after-uploaded");
         self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::upload_complete(identity.size, started.elapsed());
         info!(
             bytes = identity.size,
             md5 = %md5_hex,

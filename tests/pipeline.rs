@@ -108,17 +108,25 @@ async fn directories_created_after_start_are_watched() {
     let env = Env::new().await;
     let d = env.start(env.config(|_| {})).await;
     // Created and filled at once: files may exist before the watch on their directory does.
-    for i in 0..20 {
-        env.write(format!("2026/11/22/room{i}/rec.mp4"), &bytes(500, i));
+    // (A file created between notify reporting a directory and watching it is the case.)
+    for i in 0..40 {
+        for j in 0..3 {
+            env.write(
+                format!("2026/11/22/room{i}/rec{j}.mp4"),
+                &bytes(500, i * 10 + j),
+            );
+        }
     }
     // A whole tree renamed in from outside the root.
     let outside = env.dir.path().join("staging/day");
     std::fs::create_dir_all(outside.join("x")).unwrap();
     std::fs::write(outside.join("x/moved.mp4"), b"moved in").unwrap();
     std::fs::rename(&outside, env.root.join("day")).unwrap();
-    for i in 0..20 {
-        env.wait_state(format!("2026/11/22/room{i}/rec.mp4"), State::Deleted, T)
-            .await;
+    for i in 0..40 {
+        for j in 0..3 {
+            env.wait_state(format!("2026/11/22/room{i}/rec{j}.mp4"), State::Deleted, T)
+                .await;
+        }
     }
     env.wait_state("day/x/moved.mp4", State::Deleted, T).await;
     assert_eq!(

@@ -47,6 +47,8 @@ use rusqlite::{Connection, OpenFlags};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::health::Heartbeat;
+
 #[derive(Debug, Error)]
 pub enum JournalError {
     #[error("journal {path}: {source}")]
@@ -140,6 +142,8 @@ struct Inner {
     path: PathBuf,
     tx: mpsc::Sender<Job>,
     readers: Mutex<Vec<Connection>>,
+    /// Beats after every commit of the writer thread (liveness; see `crate::health`).
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// Opens (creating if needed) the journal with the pragmas every connection uses and brings the
@@ -216,21 +220,34 @@ impl Journal {
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
         let conn = open_rw(path)?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
+        let heartbeat = Arc::new(Heartbeat::default());
+        let beat = heartbeat.clone();
         std::thread::Builder::new()
             .name("journal-writer".to_string())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, &beat))
             .map_err(|e| JournalError::Invalid(format!("cannot start writer thread: {e}")))?;
         Ok(Journal {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 tx,
                 readers: Mutex::new(Vec::new()),
+                heartbeat,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The writer thread's heartbeat: the last time it finished a transaction.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.inner.heartbeat.clone()
+    }
+
+    /// An empty transaction: proves the writer thread still commits (liveness probe).
+    pub async fn probe(&self) -> Result<(), JournalError> {
+        self.write(Durability::Normal, |_| Ok(())).await
     }
 
     /// Runs `f` in the writer thread inside a transaction and returns its result once the
@@ -303,7 +320,7 @@ fn in_savepoint<T>(
 /// Most jobs committed in one transaction.
 const MAX_GROUP: usize = 512;
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, heartbeat: &Heartbeat) {
     let mut sync_mode = false;
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
@@ -335,5 +352,6 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
         for d in done {
             d(commit.clone());
         }
+        heartbeat.beat();
     }
 }

@@ -204,6 +204,81 @@ pub enum Intake {
     KeyCollision { other: PathBuf },
 }
 
+/// What [`intake`] would do with a settled file, decided without writing.
+enum IntakePlan {
+    /// Nothing to write: the answer is final.
+    Done(Intake),
+    /// A path the journal does not know: a new `queued` row.
+    Insert,
+    /// A known row to re-queue (new generation).
+    Requeue { id: i64 },
+}
+
+fn plan_intake(
+    conn: &Connection,
+    rel: &Path,
+    key: &str,
+    id: &Identity,
+    delete_after_upload: bool,
+) -> Result<IntakePlan, JournalError> {
+    {
+        let mut stmt =
+            conn.prepare_cached("SELECT path FROM files WHERE key = ?1 AND path != ?2 LIMIT 1")?;
+        let other: Option<Vec<u8>> = stmt
+            .query_row(params![key, path_bytes(rel)], |r| r.get(0))
+            .optional()?;
+        if let Some(other) = other {
+            return Ok(IntakePlan::Done(Intake::KeyCollision {
+                other: PathBuf::from(OsStr::from_bytes(&other)),
+            }));
+        }
+    }
+    let Some(row) = get_by_path(conn, rel)? else {
+        return Ok(IntakePlan::Insert);
+    };
+    let same = row.identity.as_ref() == Some(id);
+    let requeue = match row.state {
+        State::Queued | State::Uploading | State::Failed => !same,
+        // A scan that listed the file just before the deleter removed it: the same file
+        // (device, inode, size and mtime to the nanosecond) cannot be new.
+        State::Deleted if same => false,
+        State::Uploaded if same => {
+            return Ok(IntakePlan::Done(if delete_after_upload {
+                Intake::DeletePending {
+                    id: row.id,
+                    generation: row.generation,
+                }
+            } else {
+                Intake::Unchanged
+            }));
+        }
+        State::Uploaded | State::Deleted | State::Settling | State::Vanished => true,
+    };
+    Ok(if requeue {
+        IntakePlan::Requeue { id: row.id }
+    } else {
+        IntakePlan::Done(Intake::Unchanged)
+    })
+}
+
+/// What [`intake`] would do with this file, without writing anything (`import --dry-run`).
+/// A file that would get a new row is reported as `Queued { id: 0 }`.
+pub fn intake_preview(
+    conn: &Connection,
+    rel: &Path,
+    key: &str,
+    id: &Identity,
+    delete_after_upload: bool,
+) -> Result<Intake, JournalError> {
+    Ok(
+        match plan_intake(conn, rel, key, id, delete_after_upload)? {
+            IntakePlan::Done(i) => i,
+            IntakePlan::Insert => Intake::Queued { id: 0 },
+            IntakePlan::Requeue { id } => Intake::Queued { id },
+        },
+    )
+}
+
 /// Records a settled file: inserts or re-queues its row as the state machine says.
 pub fn intake(
     conn: &Connection,
@@ -213,57 +288,28 @@ pub fn intake(
     delete_after_upload: bool,
 ) -> Result<Intake, JournalError> {
     let now = now_ms();
-    {
-        let mut stmt =
-            conn.prepare_cached("SELECT path FROM files WHERE key = ?1 AND path != ?2 LIMIT 1")?;
-        let other: Option<Vec<u8>> = stmt
-            .query_row(params![key, path_bytes(rel)], |r| r.get(0))
-            .optional()?;
-        if let Some(other) = other {
-            return Ok(Intake::KeyCollision {
-                other: PathBuf::from(OsStr::from_bytes(&other)),
+    let row_id = match plan_intake(conn, rel, key, id, delete_after_upload)? {
+        IntakePlan::Done(i) => return Ok(i),
+        IntakePlan::Requeue { id } => id,
+        IntakePlan::Insert => {
+            conn.prepare_cached(
+                "INSERT INTO files (path, key, state, dev, ino, size, mtime_ns, discovered_ms, queued_ms, updated_ms)
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?7)",
+            )?
+            .execute(params![
+                path_bytes(rel),
+                key,
+                id.dev as i64,
+                id.ino as i64,
+                id.size as i64,
+                id.mtime_ns,
+                now
+            ])?;
+            return Ok(Intake::Queued {
+                id: conn.last_insert_rowid(),
             });
         }
-    }
-    let Some(row) = get_by_path(conn, rel)? else {
-        conn.prepare_cached(
-            "INSERT INTO files (path, key, state, dev, ino, size, mtime_ns, discovered_ms, queued_ms, updated_ms)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?7, ?7)",
-        )?
-        .execute(params![
-            path_bytes(rel),
-            key,
-            id.dev as i64,
-            id.ino as i64,
-            id.size as i64,
-            id.mtime_ns,
-            now
-        ])?;
-        return Ok(Intake::Queued {
-            id: conn.last_insert_rowid(),
-        });
     };
-    let same = row.identity.as_ref() == Some(id);
-    let requeue = match row.state {
-        State::Queued | State::Uploading | State::Failed => !same,
-        // A scan that listed the file just before the deleter removed it: the same file
-        // (device, inode, size and mtime to the nanosecond) cannot be new.
-        State::Deleted if same => false,
-        State::Uploaded if same => {
-            return Ok(if delete_after_upload {
-                Intake::DeletePending {
-                    id: row.id,
-                    generation: row.generation,
-                }
-            } else {
-                Intake::Unchanged
-            });
-        }
-        State::Uploaded | State::Deleted | State::Settling | State::Vanished => true,
-    };
-    if !requeue {
-        return Ok(Intake::Unchanged);
-    }
     conn.prepare_cached(
         "UPDATE files SET state = 'queued', generation = generation + 1, key = ?2,
              dev = ?3, ino = ?4, size = ?5, mtime_ns = ?6, md5 = NULL, bytes_sent = 0,
@@ -273,7 +319,7 @@ pub fn intake(
          WHERE id = ?1",
     )?
     .execute(params![
-        row.id,
+        row_id,
         key,
         id.dev as i64,
         id.ino as i64,
@@ -281,7 +327,7 @@ pub fn intake(
         id.mtime_ns,
         now
     ])?;
-    Ok(Intake::Queued { id: row.id })
+    Ok(Intake::Queued { id: row_id })
 }
 
 /// Records the intake of a file whose key collides: a failed row with the reason.
@@ -693,6 +739,89 @@ pub fn summary(conn: &Connection) -> Result<Summary, JournalError> {
     Ok(s)
 }
 
+/// The figures the daemon refreshes every few seconds (`STATUS=`, metrics). Cheaper than
+/// [`summary`]: only rows still waiting are read, through the state index. Counting the
+/// stored rows (which grow without bound) is asked for separately, with `stored`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Queue {
+    /// Rows per waiting state, and per final state when they were counted.
+    pub counts: BTreeMap<State, u64>,
+    /// Bytes of the files not stored yet.
+    pub waiting_bytes: u64,
+    /// Bytes of the files being uploaded.
+    pub uploading_bytes: u64,
+    /// Age of the oldest file not stored yet (0 when none waits).
+    pub oldest_waiting_secs: u64,
+}
+
+impl Queue {
+    pub fn count(&self, st: State) -> u64 {
+        self.counts.get(&st).copied().unwrap_or(0)
+    }
+
+    pub fn waiting(&self) -> u64 {
+        State::ALL
+            .into_iter()
+            .filter(|s| s.is_waiting())
+            .map(|s| self.count(s))
+            .sum()
+    }
+}
+
+/// Queue figures; with `stored`, the rows in final states (uploaded, deleted, vanished) are
+/// counted too — a scan of the state index, so callers do that less often on big journals.
+pub fn queue(conn: &Connection, stored: bool) -> Result<Queue, JournalError> {
+    let mut q = Queue::default();
+    for st in State::ALL.into_iter().filter(|s| stored || s.is_waiting()) {
+        q.counts.insert(st, 0);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT state, COUNT(*), COALESCE(SUM(size), 0), MIN(discovered_ms) FROM files
+         WHERE state IN ('settling', 'queued', 'uploading', 'failed') GROUP BY state",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+        ))
+    })?;
+    let mut oldest: Option<i64> = None;
+    for row in rows {
+        let (state, n, bytes, first) = row?;
+        let Some(st) = State::parse(&state) else {
+            continue;
+        };
+        q.counts.insert(st, n.max(0) as u64);
+        q.waiting_bytes += bytes.max(0) as u64;
+        if st == State::Uploading {
+            q.uploading_bytes = bytes.max(0) as u64;
+        }
+        oldest = match (oldest, first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    if let Some(oldest) = oldest {
+        q.oldest_waiting_secs = ((now_ms() - oldest).max(0) / 1000) as u64;
+    }
+    if stored {
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM files
+             WHERE state IN ('uploaded', 'deleted', 'vanished') GROUP BY state",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (state, n) = row?;
+            if let Some(st) = State::parse(&state) {
+                q.counts.insert(st, n.max(0) as u64);
+            }
+        }
+    }
+    Ok(q)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
@@ -786,5 +915,67 @@ mod tests {
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].state, State::Queued);
         assert_eq!(due[0].last_error.as_deref(), Some("AccessDenied"));
+    }
+    #[test]
+    fn preview_says_what_intake_does_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_rw(&dir.path().join("j.db")).unwrap();
+        let rel = Path::new("a.mp4");
+        let id1 = ident(10, 1);
+        assert_eq!(
+            intake_preview(&conn, rel, "n/a.mp4", &id1, true).unwrap(),
+            Intake::Queued { id: 0 }
+        );
+        assert!(get_by_path(&conn, rel).unwrap().is_none());
+        let Intake::Queued { id } = intake(&conn, rel, "n/a.mp4", &id1, true).unwrap() else {
+            panic!("expected queued")
+        };
+        assert_eq!(
+            intake_preview(&conn, rel, "n/a.mp4", &id1, true).unwrap(),
+            Intake::Unchanged
+        );
+        assert_eq!(
+            intake_preview(&conn, rel, "n/a.mp4", &ident(11, 2), true).unwrap(),
+            Intake::Queued { id }
+        );
+        assert_eq!(get(&conn, id).unwrap().unwrap().size, 10);
+        assert!(matches!(
+            intake_preview(&conn, Path::new("b.mp4"), "n/a.mp4", &id1, true).unwrap(),
+            Intake::KeyCollision { .. }
+        ));
+    }
+
+    #[test]
+    fn queue_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_rw(&dir.path().join("j.db")).unwrap();
+        let q = queue(&conn, true).unwrap();
+        assert_eq!(q.waiting(), 0);
+        assert_eq!(q.oldest_waiting_secs, 0);
+        for (i, size) in [100u64, 200, 300].into_iter().enumerate() {
+            let rel = format!("f{i}");
+            intake(&conn, Path::new(&rel), &rel, &ident(size, i as i64), true).unwrap();
+        }
+        conn.execute("UPDATE files SET discovered_ms = discovered_ms - 90000 WHERE path = CAST('f0' AS BLOB)", [])
+            .unwrap();
+        let row = get_by_path(&conn, Path::new("f1")).unwrap().unwrap();
+        start_upload(&conn, row.id, row.generation, None, 5).unwrap();
+        let row = get_by_path(&conn, Path::new("f2")).unwrap().unwrap();
+        set_uploaded(&conn, row.id, row.generation, &ident(300, 2), "m").unwrap();
+        let q = queue(&conn, false).unwrap();
+        assert_eq!(q.counts.get(&State::Uploaded), None, "not counted");
+        let q = queue(&conn, true).unwrap();
+        assert_eq!(q.count(State::Uploaded), 1);
+        assert_eq!(q.count(State::Deleted), 0);
+        assert_eq!(q.count(State::Queued), 1);
+        assert_eq!(q.count(State::Uploading), 1);
+        assert_eq!(q.waiting(), 2);
+        assert_eq!(q.waiting_bytes, 300);
+        assert_eq!(q.uploading_bytes, 200);
+        assert!(
+            (90..100).contains(&q.oldest_waiting_secs),
+            "{}",
+            q.oldest_waiting_secs
+        );
     }
 }

@@ -65,6 +65,8 @@ pub struct WatchStats {
     pub pending: AtomicU64,
     /// Unix seconds of the last completed scan.
     pub last_scan_unix: AtomicU64,
+    /// Beats every pass of the settle loop (liveness; see `crate::health`).
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 struct Pending {
@@ -96,21 +98,24 @@ pub async fn run(
         stats,
         rescan_interval: Duration::ZERO,
         unreadable_warned: false,
+        watcher: Arc::new(std::sync::Mutex::new(None)),
     };
     w.rescan_interval = w.params.rescan_interval;
 
     // Watch first, then scan: nothing can fall between the two.
     let (ev_tx, mut ev_rx) = mpsc::channel::<Msg>(65536);
-    let watcher = start_watcher(&w.params.root, ev_tx).await;
-    let _watcher = match watcher {
-        Ok(wt) => Some(wt),
+    match start_watcher(&w.params.root, ev_tx).await {
+        Ok(wt) => {
+            if let Ok(mut slot) = w.watcher.lock() {
+                *slot = Some(wt);
+            }
+        }
         Err(e) => {
             warn!(error = %e, root = %w.params.root.display(),
                   "cannot watch the root with inotify; relying on periodic scans");
             w.rescan_interval = w.rescan_interval.min(Duration::from_secs(60));
-            None
         }
-    };
+    }
 
     let tick_every = (w.params.settle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(tick_every);
@@ -125,6 +130,7 @@ pub async fn run(
     let mut first_scan = true;
 
     loop {
+        w.stats.heartbeat.beat();
         let sleep_rescan = tokio::time::sleep_until(next_rescan.into());
         tokio::select! {
             biased;
@@ -223,6 +229,9 @@ struct Settler {
     stats: Arc<WatchStats>,
     rescan_interval: Duration,
     unreadable_warned: bool,
+    /// The inotify watcher (dropped with the settler). Shared with the scans of new
+    /// directories, which make sure the directory is watched before they list it.
+    watcher: Arc<std::sync::Mutex<Option<notify::RecommendedWatcher>>>,
 }
 
 impl Settler {
@@ -347,7 +356,19 @@ impl Settler {
 
     fn spawn_scan(&self, sub: PathBuf, full: bool, tx: mpsc::Sender<(bool, ScanOutcome)>) {
         let params = self.params.clone();
+        let watcher = self.watcher.clone();
         tokio::task::spawn_blocking(move || {
+            if !full {
+                // notify adds the watch of a new directory after it has reported the
+                // directory, so a file created in between would be seen by neither the
+                // watch nor a scan made too early. Adding the watch here first (it is
+                // idempotent) and then listing closes that gap.
+                if let Ok(mut slot) = watcher.lock()
+                    && let Some(w) = slot.as_mut()
+                {
+                    let _ = w.watch(&params.root.join(&sub), RecursiveMode::Recursive);
+                }
+            }
             let outcome = scan_and_filter(&params, &sub);
             let _ = tx.blocking_send((full, outcome));
         });

@@ -1,0 +1,264 @@
+//! Liveness of the pipeline: is every long-running stage still making progress?
+//!
+//! A bare timer proves only that the runtime runs. Instead each stage records a [`Heartbeat`]
+//! whenever its loop comes round — the watcher (at least once a second: its settle tick), the
+//! intake (after each batch, and once a second while it waits for work), the uploader's
+//! scheduler (every pass, at least four times a second) and the journal's writer thread (after
+//! each commit; while it is idle the monitor sends it an empty transaction now and then, see
+//! [`Liveness::journal_probe_due`]). A stage whose heartbeat is older than `health.stall_secs`
+//! is stalled: the systemd watchdog pings stop (so systemd restarts the daemon), `/healthz`
+//! answers 503 naming the stage, and `STATUS=` says so.
+//!
+//! Waiting for input is progress: a loop that waits for work wakes up on a timer to beat. What
+//! does not beat is a loop stuck in a call that never returns — a journal write that never
+//! commits, a hung file-system call, a deadlock.
+
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// The zero of heartbeat times: monotonic, shared by the whole process.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Added to every reading so that a moment before the first reading (a stage that has not
+/// beaten for a while, in tests) is still a positive number.
+const OFFSET_MS: u64 = 1 << 40;
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64 + OFFSET_MS
+}
+
+/// The last moment a stage showed progress (monotonic milliseconds).
+#[derive(Debug)]
+pub struct Heartbeat {
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    /// A heartbeat that has just beaten: a stage is alive when it starts.
+    fn default() -> Self {
+        Heartbeat {
+            last_ms: AtomicU64::new(now_ms()),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// Records progress now.
+    pub fn beat(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Time since the last beat.
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// What `/healthz` answers: 200 when `ok`, otherwise 503 with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// `ok`, `stalled`, `stopping` or `not_running`.
+    pub status: &'static str,
+    /// Why the pipeline is not healthy (absent when it is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Health {
+    pub fn ok() -> Health {
+        Health {
+            status: "ok",
+            reason: None,
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.reason.is_none()
+    }
+
+    /// The HTTP status `/healthz` answers with.
+    pub fn http_status(&self) -> u16 {
+        if self.is_ok() { 200 } else { 503 }
+    }
+
+    /// The JSON body of `/healthz`: `{"status":"ok"}` or `{"status":"stalled","reason":"…"}`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"status\":\"error\"}".to_string())
+    }
+}
+
+/// A stage that made no progress for too long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stall {
+    pub stage: &'static str,
+    pub age: Duration,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} made no progress for {}",
+            self.stage,
+            crate::cli::human_age(self.age.as_secs())
+        )
+    }
+}
+
+/// The stages of one running daemon and how long each may go without progress.
+#[derive(Debug)]
+pub struct Liveness {
+    stages: Vec<(&'static str, Arc<Heartbeat>)>,
+    allowance: Duration,
+    stopping: AtomicBool,
+}
+
+/// Stage names, as they appear in logs, `STATUS=`, `/healthz` and metrics.
+pub const WATCHER: &str = "watcher";
+pub const INTAKE: &str = "intake";
+pub const UPLOADER: &str = "uploader";
+pub const JOURNAL: &str = "journal-writer";
+
+impl Liveness {
+    pub fn new(stages: Vec<(&'static str, Arc<Heartbeat>)>, allowance: Duration) -> Liveness {
+        Liveness {
+            stages,
+            allowance,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn allowance(&self) -> Duration {
+        self.allowance
+    }
+
+    /// Every stage with the age of its heartbeat.
+    pub fn ages(&self) -> Vec<(&'static str, Duration)> {
+        self.stages.iter().map(|(n, h)| (*n, h.age())).collect()
+    }
+
+    /// The stalled stage with the oldest heartbeat, if any.
+    pub fn stalled(&self) -> Option<Stall> {
+        self.stages
+            .iter()
+            .map(|(stage, h)| Stall {
+                stage,
+                age: h.age(),
+            })
+            .filter(|s| s.age > self.allowance)
+            .max_by_key(|s| s.age)
+    }
+
+    /// Whether the journal writer has been quiet long enough to deserve an empty transaction
+    /// (so an idle writer still proves it can commit).
+    pub fn journal_probe_due(&self) -> bool {
+        let quiet = (self.allowance / 4).max(Duration::from_millis(200));
+        self.stages
+            .iter()
+            .any(|(n, h)| *n == JOURNAL && h.age() >= quiet)
+    }
+
+    /// From now on the daemon is draining: health says so, stalls no longer count.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> Health {
+        if self.is_stopping() {
+            return Health {
+                status: "stopping",
+                reason: Some("shutting down".to_string()),
+            };
+        }
+        match self.stalled() {
+            Some(s) => Health {
+                status: "stalled",
+                reason: Some(s.to_string()),
+            },
+            None => Health::ok(),
+        }
+    }
+}
+
+/// The liveness of the daemon running in this process (the last one started), for callers
+/// that have no handle on it, such as the look-up server's `/healthz`.
+static CURRENT: RwLock<Option<Arc<Liveness>>> = RwLock::new(None);
+
+pub(crate) fn set_current(l: Option<Arc<Liveness>>) {
+    if let Ok(mut c) = CURRENT.write() {
+        *c = l;
+    }
+}
+
+pub fn current() -> Option<Arc<Liveness>> {
+    CURRENT.read().ok().and_then(|c| c.clone())
+}
+
+/// Health of the daemon running in this process; `not_running` when there is none.
+pub fn health() -> Health {
+    match current() {
+        Some(l) => l.health(),
+        None => Health {
+            status: "not_running",
+            reason: Some("the pipeline is not running".to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn aged(ms: u64) -> Arc<Heartbeat> {
+        let h = Heartbeat::default();
+        h.last_ms
+            .store(now_ms().saturating_sub(ms), Ordering::Relaxed);
+        Arc::new(h)
+    }
+
+    #[test]
+    fn a_stage_past_its_allowance_is_stalled_and_named() {
+        let fresh = Arc::new(Heartbeat::default());
+        let old = aged(5_000);
+        let l = Liveness::new(
+            vec![(WATCHER, fresh.clone()), (INTAKE, old.clone())],
+            Duration::from_secs(2),
+        );
+        let s = l.stalled().unwrap();
+        assert_eq!(s.stage, INTAKE);
+        let h = l.health();
+        assert_eq!(h.http_status(), 503);
+        assert_eq!(h.status, "stalled");
+        assert!(
+            h.reason
+                .as_deref()
+                .unwrap()
+                .starts_with("intake made no progress for")
+        );
+        assert!(h.to_json().contains("\"status\":\"stalled\""));
+        old.beat();
+        assert_eq!(l.stalled(), None);
+        assert_eq!(l.health(), Health::ok());
+        assert_eq!(l.health().to_json(), "{\"status\":\"ok\"}");
+        l.set_stopping();
+        assert_eq!(l.health().http_status(), 503);
+    }
+
+    #[test]
+    fn idle_journal_writer_is_probed() {
+        let j = aged(1_000);
+        let l = Liveness::new(vec![(JOURNAL, j.clone())], Duration::from_secs(2));
+        assert!(l.journal_probe_due());
+        j.beat();
+        assert!(!l.journal_probe_due());
+    }
+}

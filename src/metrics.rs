@@ -1,0 +1,340 @@
+//! Prometheus metrics, rendered by [`render`] for `GET /metrics`, and the health answer for
+//! `GET /healthz` ([`health`]).
+//!
+//! One registry for the process. Counters and the histogram are fed by hooks where things
+//! happen (an upload completes, a request is retried, a file fails, a look-up is answered);
+//! figures that come from the journal (files per state, bytes waiting, oldest waiting file) and
+//! the free space of the watch root are refreshed every few seconds by the daemon's monitor
+//! (see `crate::systemd`), never per scrape, since counting a large journal is not free. The
+//! stages' heartbeat ages are read at render time (atomics).
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `record_offload_files` | gauge | `state` |
+//! | `record_offload_waiting_bytes` | gauge | |
+//! | `record_offload_oldest_waiting_seconds` | gauge | |
+//! | `record_offload_uploaded_files_total` | counter | |
+//! | `record_offload_uploaded_bytes_total` | counter | |
+//! | `record_offload_upload_duration_seconds` | histogram | |
+//! | `record_offload_upload_retries_total` | counter | `reason` |
+//! | `record_offload_upload_failures_total` | counter | `reason` |
+//! | `record_offload_lookups_total` | counter | `answer` |
+//! | `record_offload_watch_root_free_bytes`, `..._size_bytes` | gauge | |
+//! | `record_offload_stage_heartbeat_age_seconds` | gauge | `stage` |
+//! | `record_offload_healthy` | gauge | |
+//!
+//! `reason` is the store's error code (`AccessDenied`, `SlowDown`, …) when it sent one,
+//! otherwise `http_<status>`, `network` (no answer: refused, cut, timed out), `corrupt` (the
+//! stored bytes differ from ours), or a local cause (`local`, `verify`, `journal`, `io`).
+
+use std::path::Path;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub use crate::health::{Health, health};
+use crate::journal::{Queue, State};
+use crate::store::{ErrorKind, StoreError};
+
+/// Answers of the look-up server, created at zero so every series exists from the start.
+pub const LOOKUP_ANSWERS: [&str; 5] = ["uploaded", "pending", "not_found", "bad_path", "error"];
+
+struct Metrics {
+    registry: Registry,
+    files: IntGaugeVec,
+    waiting_bytes: IntGauge,
+    oldest_waiting: IntGauge,
+    uploaded_files: IntCounter,
+    uploaded_bytes: IntCounter,
+    upload_duration: Histogram,
+    retries: IntCounterVec,
+    failures: IntCounterVec,
+    lookups: IntCounterVec,
+    disk_free: IntGauge,
+    disk_size: IntGauge,
+    heartbeat_age: prometheus::GaugeVec,
+    healthy: IntGauge,
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new_custom(Some("record_offload".to_string()), None)?;
+        let files = IntGaugeVec::new(
+            Opts::new("files", "Files in the journal, by state."),
+            &["state"],
+        )?;
+        let waiting_bytes = IntGauge::new("waiting_bytes", "Bytes of files not stored yet.")?;
+        let oldest_waiting = IntGauge::new(
+            "oldest_waiting_seconds",
+            "Age of the oldest file not stored yet (0 when none waits).",
+        )?;
+        let uploaded_files = IntCounter::new(
+            "uploaded_files_total",
+            "Files stored and checked since the daemon started.",
+        )?;
+        let uploaded_bytes = IntCounter::new(
+            "uploaded_bytes_total",
+            "Bytes of files stored and checked since the daemon started.",
+        )?;
+        let upload_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "upload_duration_seconds",
+                "Time from opening a file to its object being checked, per file.",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                3600.0,
+            ]),
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "upload_retries_total",
+                "Requests or file attempts retried after a transient error, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "upload_failures_total",
+                "Files put in `failed` by a permanent error, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let lookups = IntCounterVec::new(
+            Opts::new("lookups_total", "Look-ups answered, by answer."),
+            &["answer"],
+        )?;
+        let disk_free = IntGauge::new(
+            "watch_root_free_bytes",
+            "Space available to unprivileged users on the watch root's file system.",
+        )?;
+        let disk_size = IntGauge::new(
+            "watch_root_size_bytes",
+            "Size of the watch root's file system.",
+        )?;
+        let heartbeat_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "stage_heartbeat_age_seconds",
+                "Time since each pipeline stage last showed progress.",
+            ),
+            &["stage"],
+        )?;
+        let healthy = IntGauge::new(
+            "healthy",
+            "1 while every stage makes progress (what /healthz and the watchdog check).",
+        )?;
+        for st in State::ALL {
+            files.with_label_values(&[st.as_str()]).set(0);
+        }
+        for a in LOOKUP_ANSWERS {
+            lookups.with_label_values(&[a]);
+        }
+        registry.register(Box::new(files.clone()))?;
+        registry.register(Box::new(waiting_bytes.clone()))?;
+        registry.register(Box::new(oldest_waiting.clone()))?;
+        registry.register(Box::new(uploaded_files.clone()))?;
+        registry.register(Box::new(uploaded_bytes.clone()))?;
+        registry.register(Box::new(upload_duration.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(disk_free.clone()))?;
+        registry.register(Box::new(disk_size.clone()))?;
+        registry.register(Box::new(heartbeat_age.clone()))?;
+        registry.register(Box::new(healthy.clone()))?;
+        Ok(Metrics {
+            registry,
+            files,
+            waiting_bytes,
+            oldest_waiting,
+            uploaded_files,
+            uploaded_bytes,
+            upload_duration,
+            retries,
+            failures,
+            lookups,
+            disk_free,
+            disk_size,
+            heartbeat_age,
+            healthy,
+        })
+    }
+}
+
+/// `None` only if the fixed metric definitions were invalid, which the tests rule out; the
+/// daemon then runs without metrics rather than not at all.
+static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| match Metrics::new() {
+    Ok(m) => Some(m),
+    Err(e) => {
+        tracing::error!(error = %e, "cannot set up metrics");
+        None
+    }
+});
+
+fn with(f: impl FnOnce(&Metrics)) {
+    if let Some(m) = METRICS.as_ref() {
+        f(m)
+    }
+}
+
+/// Prometheus text format (version 0.0.4) of every metric.
+pub fn render() -> String {
+    let Some(m) = METRICS.as_ref() else {
+        return "# metrics are unavailable\n".to_string();
+    };
+    if let Some(l) = crate::health::current() {
+        for (stage, age) in l.ages() {
+            m.heartbeat_age
+                .with_label_values(&[stage])
+                .set(age.as_secs_f64());
+        }
+        m.healthy.set(i64::from(l.health().is_ok()));
+    } else {
+        m.healthy.set(0);
+    }
+    TextEncoder::new()
+        .encode_to_string(&m.registry.gather())
+        .unwrap_or_else(|e| format!("# cannot encode metrics: {e}\n"))
+}
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Counts one look-up answer: `uploaded`, `pending`, `not_found`, `bad_path` or `error`
+/// (other values are accepted, after [`label`] cleans them).
+pub fn lookup(answer: &str) {
+    with(|m| m.lookups.with_label_values(&[&label(answer)]).inc());
+}
+
+/// A file stored and checked: its size and how long it took.
+pub fn upload_complete(bytes: u64, elapsed: Duration) {
+    with(|m| {
+        m.uploaded_files.inc();
+        m.uploaded_bytes.inc_by(bytes);
+        m.upload_duration.observe(elapsed.as_secs_f64());
+    });
+}
+
+/// A request or attempt that will be retried.
+pub fn upload_retry(reason: &str) {
+    with(|m| m.retries.with_label_values(&[&label(reason)]).inc());
+}
+
+/// A file that failed permanently.
+pub fn upload_failure(reason: &str) {
+    with(|m| m.failures.with_label_values(&[&label(reason)]).inc());
+}
+
+/// The `reason` label for a store error.
+pub fn store_reason(e: &StoreError) -> String {
+    if let Some(code) = &e.code {
+        return label(code);
+    }
+    if let Some(status) = e.status {
+        return format!("http_{status}");
+    }
+    match e.kind {
+        ErrorKind::Transient => "network",
+        ErrorKind::Permanent => "permanent",
+        ErrorKind::NoSuchUpload => "NoSuchUpload",
+        ErrorKind::Corrupt => "corrupt",
+    }
+    .to_string()
+}
+
+/// Keeps label values short and tame: what a store or caller sends is not trusted to be.
+fn label(s: &str) -> String {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        s.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// Journal figures, refreshed by the daemon's monitor.
+pub(crate) fn set_queue(q: &Queue) {
+    with(|m| {
+        for st in State::ALL {
+            m.files
+                .with_label_values(&[st.as_str()])
+                .set(q.count(st) as i64);
+        }
+        m.waiting_bytes.set(q.waiting_bytes as i64);
+        m.oldest_waiting.set(q.oldest_waiting_secs as i64);
+    });
+}
+
+/// Free and total bytes of the file system holding `root`.
+pub fn disk_space(root: &Path) -> std::io::Result<(u64, u64)> {
+    let st = rustix::fs::statvfs(root)?;
+    Ok((
+        st.f_bavail.saturating_mul(st.f_frsize),
+        st.f_blocks.saturating_mul(st.f_frsize),
+    ))
+}
+
+/// Refreshes the watch root's free space.
+pub(crate) fn set_disk(root: &Path) {
+    if let Ok((free, size)) = disk_space(root) {
+        with(|m| {
+            m.disk_free.set(free.min(i64::MAX as u64) as i64);
+            m.disk_size.set(size.min(i64::MAX as u64) as i64);
+        });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_valid_and_render() {
+        assert!(METRICS.is_some());
+        lookup("pending");
+        upload_complete(1234, Duration::from_millis(300));
+        upload_retry(&store_reason(&StoreError {
+            op: "upload_part",
+            kind: ErrorKind::Transient,
+            message: "x".into(),
+            code: Some("SlowDown".into()),
+            status: Some(503),
+        }));
+        let text = render();
+        assert!(text.contains("record_offload_lookups_total{answer=\"pending\"}"));
+        assert!(text.contains("record_offload_lookups_total{answer=\"not_found\"} 0"));
+        assert!(text.contains("record_offload_upload_retries_total{reason=\"SlowDown\"}"));
+        assert!(text.contains("record_offload_files{state=\"queued\"}"));
+        assert!(text.contains("# TYPE record_offload_upload_duration_seconds histogram"));
+    }
+
+    #[test]
+    fn reasons_and_labels() {
+        let mut e = StoreError::new("put_object", ErrorKind::Transient, "timed out");
+        assert_eq!(store_reason(&e), "network");
+        e.status = Some(502);
+        assert_eq!(store_reason(&e), "http_502");
+        e.code = Some("Bad code with spaces\n".into());
+        assert_eq!(store_reason(&e), "other");
+        e.code = Some("AccessDenied".into());
+        assert_eq!(store_reason(&e), "AccessDenied");
+        assert_eq!(label(&"x".repeat(65)), "other");
+        assert_eq!(label(""), "other");
+    }
+
+    #[test]
+    fn disk_space_of_a_real_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let (free, size) = disk_space(d.path()).unwrap();
+        assert!(size > 0);
+        assert!(free <= size);
+    }
+}

@@ -1,0 +1,466 @@
+//! The daemon as systemd sees it: the real binary with a real unix datagram socket as
+//! `NOTIFY_SOCKET` (READY, STATUS, WATCHDOG, STOPPING and their order; watchdog pings that
+//! stop when a stage stalls), no secret in anything it prints, and `status --json`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::harness::*;
+use record_offload::devserver::{ACCESS_KEY, SECRET_KEY};
+
+const T: Duration = Duration::from_secs(60);
+
+fn write_config(env: &Env, extra: &str) -> PathBuf {
+    let cfg = env.dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[node]
+name = "{NODE}"
+[watch]
+root = {root:?}
+settle_secs = 0.1
+rescan_interval_secs = 600
+[journal]
+path = {journal:?}
+[storage]
+endpoint = "{endpoint}"
+region = "us-east-1"
+bucket = "{BUCKET}"
+access_key_id = "{ACCESS_KEY}"
+path_style = true
+[upload]
+retry_initial_secs = 0.05
+retry_max_secs = 0.5
+drain_secs = 1
+{extra}
+"#,
+            root = env.root.display().to_string(),
+            journal = env.journal_path.display().to_string(),
+            endpoint = env.server.endpoint(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Messages received on the notify socket, each with the time it arrived.
+#[derive(Clone, Default)]
+struct Notes(Arc<Mutex<Vec<(Instant, String)>>>);
+
+impl Notes {
+    /// Binds `path` and collects every datagram (one entry per line) until the socket is
+    /// removed with the test's temporary directory.
+    fn listen(path: &Path) -> Notes {
+        let sock = UnixDatagram::bind(path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let notes = Notes::default();
+        let n = notes.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while Instant::now() < deadline {
+                match sock.recv(&mut buf) {
+                    Ok(len) => {
+                        let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                        let now = Instant::now();
+                        let mut v = n.0.lock().unwrap();
+                        for line in text.lines().filter(|l| !l.is_empty()) {
+                            v.push((now, line.to_string()));
+                        }
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        notes
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    fn position(&self, pred: impl Fn(&str) -> bool) -> Option<usize> {
+        self.lines().iter().position(|l| pred(l))
+    }
+
+    fn count_since(&self, since: Instant, line: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, l)| *t >= since && l == line)
+            .count()
+    }
+
+    async fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.position(&pred) {
+                return i;
+            }
+            if start.elapsed() > T {
+                panic!(
+                    "no notify message {what} within {T:?}; got {:#?}",
+                    self.lines()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The daemon process; killed if a test fails before it stopped it.
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(cfg: &Path, notify: &Path, envs: &[(&str, &str)], log: &Path) -> Running {
+    let log = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_record-offload"));
+    cmd.args(["run", "--config"])
+        .arg(cfg)
+        .env("NOTIFY_SOCKET", notify)
+        .env("RECORD_OFFLOAD_STORAGE__ACCESS_KEY_SECRET", SECRET_KEY)
+        .env("RUST_LOG", "record_offload=debug")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("RECORD_OFFLOAD_FAILPOINTS")
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Running(cmd.spawn().unwrap())
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > T {
+            let _ = child.kill();
+            panic!("the daemon did not stop after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `STATUS=` as `systemctl status` shows it: the queue in one line.
+fn is_queue_status(line: &str) -> bool {
+    let Some(s) = line.strip_prefix("STATUS=") else {
+        return false;
+    };
+    let s = s.split_once("; ").map(|(_, r)| r).unwrap_or(s);
+    if let Some(rest) = s.strip_prefix("idle, ") {
+        return rest.ends_with(" stored") && rest.split(' ').next().unwrap().parse::<u64>().is_ok();
+    }
+    s.starts_with("queued ") && s.contains(", uploading ") && s.contains(", oldest ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_ready_status_watchdog_stopping_in_order() {
+    let env = Env::new().await;
+    let cfg = write_config(&env, "");
+    let sock = env.dir.path().join("notify.sock");
+    let notes = Notes::listen(&sock);
+    let log = env.dir.path().join("daemon.log");
+    // Pings every 100 ms.
+    let mut child = spawn(&cfg, &sock, &[("WATCHDOG_USEC", "200000")], &log);
+
+    let ready = notes.wait_for("READY=1", |l| l == "READY=1").await;
+    let lines = notes.lines();
+    assert_eq!(
+        lines
+            .iter()
+            .position(|l| l == "STATUS=starting: recovering the journal"),
+        Some(0),
+        "{lines:#?}"
+    );
+    let first_ping = notes.wait_for("WATCHDOG=1", |l| l == "WATCHDOG=1").await;
+    assert!(
+        ready < first_ping,
+        "READY=1 must come before any WATCHDOG=1"
+    );
+
+    // A file goes through; the status line says so.
+    env.write("a.mp4", &bytes(5000, 1));
+    env.wait_state("a.mp4", record_offload::journal::State::Deleted, T)
+        .await;
+    notes
+        .wait_for("STATUS=idle, 1 file stored", |l| {
+            l == "STATUS=idle, 1 file stored"
+        })
+        .await;
+    for l in notes.lines().iter().filter(|l| l.starts_with("STATUS=")) {
+        assert!(
+            is_queue_status(l)
+                || l == "STATUS=starting: recovering the journal"
+                || l == "STATUS=started",
+            "unexpected status line {l:?}"
+        );
+    }
+    // Still pinging while idle for longer than the pings' interval: waiting is not a stall.
+    let since = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(notes.count_since(since, "WATCHDOG=1") >= 3);
+
+    let status = terminate(&mut child);
+    assert!(status.success(), "exit status {status:?}");
+    let stopping = notes.wait_for("STOPPING=1", |l| l == "STOPPING=1").await;
+    assert!(ready < stopping);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("systemd watchdog enabled"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
+    let env = Env::new().await;
+    let cfg = write_config(&env, "");
+    let sock = env.dir.path().join("notify.sock");
+    let notes = Notes::listen(&sock);
+    let log = env.dir.path().join("daemon.log");
+    let mut child = spawn(
+        &cfg,
+        &sock,
+        &[("WATCHDOG_USEC", "200000"), ("WATCHDOG_PID", "1")],
+        &log,
+    );
+    notes.wait_for("READY=1", |l| l == "READY=1").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(terminate(&mut child).success());
+    notes.wait_for("STOPPING=1", |l| l == "STOPPING=1").await;
+    assert!(
+        !notes.lines().iter().any(|l| l == "WATCHDOG=1"),
+        "{:#?}",
+        notes.lines()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stage_stops_the_watchdog_pings() {
+    let env = Env::new().await;
+    let cfg = write_config(&env, "[health]\nstall_secs = 3\n");
+    let sock = env.dir.path().join("notify.sock");
+    let notes = Notes::listen(&sock);
+    let log = env.dir.path().join("daemon.log");
+    // The intake freezes when it gets its first file, as if a call had hung.
+    let mut child = spawn(
+        &cfg,
+        &sock,
+        &[
+            ("WATCHDOG_USEC", "200000"),
+            ("RECORD_OFFLOAD_FAILPOINTS", "intake:stall"),
+        ],
+        &log,
+    );
+    notes.wait_for("READY=1", |l| l == "READY=1").await;
+    // Idle for longer than the allowance: every stage still beats, the pings go on.
+    let since = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        notes.count_since(since + Duration::from_secs(3), "WATCHDOG=1") >= 3,
+        "pings stopped while idle: {:#?}",
+        notes.lines()
+    );
+
+    env.write("a.mp4", &bytes(100, 1));
+    notes
+        .wait_for("a STALLED status", |l| {
+            l.starts_with("STATUS=STALLED: intake made no progress for")
+        })
+        .await;
+    // From now on no ping may arrive (one may still have been in flight when the stall began).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quiet_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        notes.count_since(quiet_from, "WATCHDOG=1"),
+        0,
+        "pings went on while the intake was stalled"
+    );
+    assert!(is_queue_status(
+        &notes.lines()[notes.position(|l| l.starts_with("STATUS=STALLED")).unwrap()]
+    ));
+
+    assert!(terminate(&mut child).success());
+    notes.wait_for("STOPPING=1", |l| l == "STOPPING=1").await;
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("a pipeline stage stopped making progress"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stage=\"intake\"") || log.contains("stage=intake"),
+        "{log}"
+    );
+}
+
+/// Runs `args` with the config and environment given; returns stdout + stderr.
+fn run_cli(cfg: &Path, args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_record-offload"));
+    cmd.arg("--config").arg(cfg).args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_anything_printed() {
+    let env = Env::new().await;
+    let cfg = write_config(&env, "");
+    let sock = env.dir.path().join("notify.sock");
+    let _notes = Notes::listen(&sock);
+
+    // The right secret, everything logged at trace level, a file uploaded.
+    let log = env.dir.path().join("daemon.log");
+    let mut child = spawn(&cfg, &sock, &[("RUST_LOG", "trace")], &log);
+    env.write("a.mp4", &bytes(7000, 3));
+    env.wait_state("a.mp4", record_offload::journal::State::Deleted, T)
+        .await;
+    assert!(terminate(&mut child).success());
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("upload complete"), "{out}");
+    assert!(
+        !out.contains(SECRET_KEY),
+        "the secret appears in the daemon's log"
+    );
+
+    // A wrong secret (the store refuses every request), given in the environment.
+    let wrong = "Wr0ng-S3cret-7f3a9c";
+    let log2 = env.dir.path().join("daemon2.log");
+    let mut child = spawn(
+        &cfg,
+        &sock,
+        &[
+            ("RUST_LOG", "trace"),
+            ("RECORD_OFFLOAD_STORAGE__ACCESS_KEY_SECRET", wrong),
+        ],
+        &log2,
+    );
+    env.write("b.mp4", &bytes(7000, 4));
+    env.wait_state("b.mp4", record_offload::journal::State::Failed, T)
+        .await;
+    assert!(terminate(&mut child).success());
+    let out = std::fs::read_to_string(&log2).unwrap();
+    assert!(out.contains("SignatureDoesNotMatch"), "{out}");
+    assert!(
+        !out.contains(wrong),
+        "the secret appears in the daemon's log"
+    );
+
+    // The commands an operator runs.
+    let envs = [("RECORD_OFFLOAD_STORAGE__ACCESS_KEY_SECRET", wrong)];
+    for args in [
+        &["check-config"][..],
+        &["status"],
+        &["status", "--json"],
+        &["ls", "--json"],
+        &["import", "--dry-run"],
+    ] {
+        let (_, out) = run_cli(&cfg, args, &envs);
+        assert!(!out.contains(wrong), "{args:?} printed the secret: {out}");
+    }
+    let (ok, out) = run_cli(&cfg, &["check-config"], &envs);
+    assert!(ok && out.contains("<redacted>"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_while_the_daemon_runs() {
+    let env = Env::new().await;
+    let cfg = write_config(&env, "");
+    let sock = env.dir.path().join("notify.sock");
+    let notes = Notes::listen(&sock);
+    let log = env.dir.path().join("daemon.log");
+    let mut child = spawn(&cfg, &sock, &[], &log);
+    notes.wait_for("READY=1", |l| l == "READY=1").await;
+    env.write("a.mp4", &bytes(3000, 1));
+    env.wait_state("a.mp4", record_offload::journal::State::Deleted, T)
+        .await;
+
+    let (ok, out) = run_cli(&cfg, &["status", "--json"], &[]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["counts"]["deleted"], 1);
+    assert_eq!(v["counts"]["queued"], 0);
+    assert_eq!(v["bytes_waiting"], 0);
+    assert_eq!(v["oldest_waiting_secs"], 0);
+    assert!(v["last_errors"].is_array());
+
+    let (ok, out) = run_cli(&cfg, &["status"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("deleted"), "{out}");
+    assert!(out.contains("2.9 KiB"), "human sizes: {out}");
+    assert!(out.contains("oldest waiting: 0s"), "{out}");
+    assert!(terminate(&mut child).success());
+}
+
+#[test]
+fn help_explains_every_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check-config", "status", "ls", "retry", "import"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(cmd)),
+            "{cmd} missing from --help: {text}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
+        .args(["import", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--dry-run") && text.contains("settle_secs"),
+        "{text}"
+    );
+}
