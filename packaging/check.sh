@@ -2,7 +2,8 @@
 # Builds the release packages and checks them: contents, lintian, the systemd unit
 # (`systemd-analyze verify` and the exposure score), then installs the .deb on this machine,
 # runs the installed binary and `check-config` on the shipped config, reinstalls it over an
-# edited config, and removes and purges it again, checking what each step keeps.
+# edited config, and removes and purges it again, checking what each step keeps; then the
+# same for the .rpm's scriptlets with Debian's rpm.
 #
 #   packaging/check.sh               # everything; needs root and a Debian-like machine
 #   packaging/check.sh --no-install  # build and inspect only
@@ -173,6 +174,20 @@ dpkg -r record-offload
 dpkg -P record-offload
 [ ! -e /var/lib/record-offload ] || fail "dpkg -P left /var/lib/record-offload"
 [ ! -e /etc/record-offload ] || fail "dpkg -P left /etc/record-offload"
+
+step "the .rpm's scriptlets, with Debian's rpm (no dependency resolution here)"
+rpm_i() { rpm --nodeps --force-debian "$@"; }
+rpm_i -i "$rpmf"
+[ "$(stat -c '%U:%G %a' /var/lib/record-offload)" = "record-offload:record-offload 750" ] \
+  || fail "the rpm did not create /var/lib/record-offload for record-offload, mode 0750"
+echo '# edited by the operator' >>/etc/record-offload/config.toml
+rpm_i -U --replacepkgs "$rpmf"
+grep -qx '# edited by the operator' /etc/record-offload/config.toml || fail "rpm -U overwrote the edited config"
+printf 'keep me' >/var/lib/record-offload/journal.db
+rpm_i -e record-offload
+[ -f /var/lib/record-offload/journal.db ] || fail "rpm -e deleted the journal"
+[ ! -e /usr/bin/record-offload ] || fail "rpm -e left the binary"
+rm -rf /var/lib/record-offload /etc/record-offload
 if [ "$made_root" = 1 ]; then rmdir /record; fi
 
 echo "packaging checks passed"
