@@ -451,7 +451,7 @@ impl Settler {
             self.unreadable_warned = true;
             warn!(
                 processes = scan.unreadable,
-                "cannot read the open files of some processes; a file they hold open for writing may be taken as finished (grant CAP_SYS_PTRACE or run as the recorder's user)"
+                "cannot read the open files of some processes; a file they hold open for writing may be taken as finished (grant CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, or run as the recorder's user)"
             );
         }
         for (rel, id) in candidates {

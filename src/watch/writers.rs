@@ -53,13 +53,23 @@ fn open_for_write_in(proc_root: &Path, targets: &HashSet<(u64, u64)>) -> Scan {
         };
         for fd in fds.flatten() {
             let fd_path = fd.path();
-            // Cheap filter first: sockets, pipes and anonymous inodes are not files.
+            // Cheap filter first: sockets, pipes and anonymous inodes are not files. A link
+            // we may not read means this process's files cannot be seen at all.
             match std::fs::read_link(&fd_path) {
                 Ok(target) if target.is_absolute() => {}
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    scan.unreadable += 1;
+                    break;
+                }
                 _ => continue,
             }
-            let Ok(meta) = std::fs::metadata(&fd_path) else {
-                continue;
+            let meta = match std::fs::metadata(&fd_path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    scan.unreadable += 1;
+                    break;
+                }
+                Err(_) => continue,
             };
             if !targets.contains(&(meta.dev(), meta.ino())) {
                 continue;
