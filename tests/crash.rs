@@ -18,7 +18,30 @@ const KILLS: usize = 20;
 const PART_MIB: u64 = 5;
 const CONCURRENCY: u64 = 3;
 
-fn spawn(cfg: &std::path::Path, failpoints: &str, log: &std::path::Path) -> Child {
+/// The daemon child; killed if the test ends early, so a failure leaves no process behind.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cfg: &std::path::Path, failpoints: &str, log: &std::path::Path) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -32,6 +55,7 @@ fn spawn(cfg: &std::path::Path, failpoints: &str, log: &std::path::Path) -> Chil
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Daemon)
         .unwrap()
 }
 
@@ -196,7 +220,7 @@ drain_secs = 1
     // Let the last `deleted` commits land, then stop it with SIGTERM.
     tokio::time::sleep(Duration::from_millis(300)).await;
     rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
+        rustix::process::Pid::from_child(&child.0),
         rustix::process::Signal::TERM,
     )
     .unwrap();
