@@ -26,10 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Settings;
+use crate::config::{ListenAddr, Settings};
 use crate::fsutil::Root;
 use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
 use crate::keys::KeyTemplate;
+use crate::lookup::resolve::{Resolver, ResolverError, default_public_url};
+use crate::lookup::server::{self as lookup_server, Hooks, ServerError};
 use crate::store::Store;
 use crate::upload::Uploader;
 use crate::watch::{self, Settled, WatchParams, WatchStats};
@@ -46,6 +48,10 @@ pub enum DaemonError {
     },
     #[error("storage.key_template: {0}")]
     KeyTemplate(String),
+    #[error(transparent)]
+    Lookup(#[from] ServerError),
+    #[error("look-ups: {0}")]
+    Resolver(#[from] ResolverError),
 }
 
 /// A running pipeline.
@@ -53,6 +59,8 @@ pub struct Daemon {
     pub journal: Journal,
     pub uploader: Arc<Uploader>,
     pub watch_stats: Arc<WatchStats>,
+    /// The look-up server's addresses as bound (real ports for `:0`).
+    pub lookup_addrs: Vec<ListenAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -115,6 +123,39 @@ impl Daemon {
             tracker.spawn(abort_stray_uploads(store, journal, prefix));
         }
 
+        // Look-ups: bound after recovery, before new files are taken.
+        let bound = lookup_server::bind(&settings.listen).await?;
+        let lookup_addrs = bound.addrs().to_vec();
+        let resolver = Resolver::new(
+            &settings,
+            default_public_url(&settings, &lookup_addrs),
+            Some(store.clone()),
+        )?;
+        let hooks = {
+            let cancel = cancel.clone();
+            let journal = journal.clone();
+            Hooks {
+                health: Arc::new(move || {
+                    if cancel.is_cancelled() {
+                        Err("shutting down".to_string())
+                    } else if !journal.is_running() {
+                        Err("the journal writer has stopped".to_string())
+                    } else {
+                        Ok(())
+                    }
+                }),
+                ..Hooks::default()
+            }
+        };
+        lookup_server::serve(
+            bound,
+            Arc::new(resolver),
+            &settings,
+            hooks,
+            cancel.clone(),
+            &tracker,
+        )?;
+
         let watch_stats = Arc::new(WatchStats::default());
         let params = WatchParams {
             root: cfg.watch.root.clone(),
@@ -157,6 +198,7 @@ impl Daemon {
             journal,
             uploader,
             watch_stats,
+            lookup_addrs,
             cancel,
             tracker,
         })
