@@ -284,10 +284,7 @@ fn resolve(source: &Source, input: &std::ffi::OsStr, json: bool) -> ExitCode {
                     ),
                 };
                 if json {
-                    println!(
-                        "{}",
-                        String::from_utf8_lossy(&answer.to_json(Some(&url)))
-                    );
+                    println!("{}", String::from_utf8_lossy(&answer.to_json(Some(&url))));
                 } else {
                     println!("{url}");
                 }

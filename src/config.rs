@@ -729,8 +729,7 @@ fn check_http_url(key: &str, u: &str) -> Result<url::Url, ConfigError> {
             format!("must be http:// or https:// with a host, got {u:?}"),
         ));
     }
-    if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty()
-    {
+    if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() {
         return Err(ConfigError::new(
             key,
             format!("must not carry user info, a query or a fragment, got {u:?}"),
@@ -883,7 +882,10 @@ fn validate_lookup_extras(config: &Config) -> Result<(), ConfigError> {
 /// A legacy host as look-up input carries it: lower-case, IPv6 addresses in brackets, no port.
 pub fn normalize_host(h: &str) -> Result<String, String> {
     let t = h.trim();
-    if let Ok(v6) = t.trim_start_matches('[').trim_end_matches(']').parse::<std::net::Ipv6Addr>()
+    if let Ok(v6) = t
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::Ipv6Addr>()
     {
         return Ok(format!("[{v6}]"));
     }

@@ -78,7 +78,9 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -397,7 +399,10 @@ mod tests {
         // The same parameters, spelled with `+` for the space and in another order.
         let reordered: Vec<&str> = q.split('&').rev().collect();
         let reordered = reordered.join("&").replace("%20", "+");
-        assert_eq!(a.verify("GET", "/v1/resolve", Some(&reordered), 1000), Ok(()));
+        assert_eq!(
+            a.verify("GET", "/v1/resolve", Some(&reordered), 1000),
+            Ok(())
+        );
         // A different path parameter does not verify.
         let tampered = q.replace("a%20b", "a%20c");
         assert_eq!(
@@ -428,7 +433,10 @@ mod tests {
             a.verify("GET", "/p", Some(&q), 699),
             Err(AuthError::Stale { window: 300 })
         );
-        assert_eq!(a.verify("GET", "/p", None, 1000), Err(AuthError::Missing("app_key")));
+        assert_eq!(
+            a.verify("GET", "/p", None, 1000),
+            Err(AuthError::Missing("app_key"))
+        );
         let unknown = q.replace("app_key=app1", "app_key=app2");
         assert_eq!(
             a.verify("GET", "/p", Some(&unknown), 1000),
@@ -492,7 +500,11 @@ mod tests {
         let v6 = Cidr::parse("fd00::/8").unwrap();
         assert!(v6.contains("fd12::1".parse().unwrap()));
         assert!(!v6.contains("fe80::1".parse().unwrap()));
-        assert!(Cidr::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("::1/128")
+                .unwrap()
+                .contains("::1".parse().unwrap())
+        );
         for bad in ["", "10.0.0.0/33", "::/129", "x", "10.0.0/8", "10.0.0.0/-1"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }

@@ -117,7 +117,10 @@ impl Spec {
                 start: a,
                 end: b.min(last),
             }),
-            Spec::From(a) if a < size => Some(ByteRange { start: a, end: last }),
+            Spec::From(a) if a < size => Some(ByteRange {
+                start: a,
+                end: last,
+            }),
             Spec::Suffix(n) if n > 0 => Some(ByteRange {
                 start: size.saturating_sub(n),
                 end: last,
@@ -138,12 +141,30 @@ mod tests {
 
     #[test]
     fn single_ranges() {
-        assert_eq!(parse_range(b"bytes=0-99", 1000), RangeAnswer::Partial(vec![r(0, 99)]));
-        assert_eq!(parse_range(b"bytes=900-", 1000), RangeAnswer::Partial(vec![r(900, 999)]));
-        assert_eq!(parse_range(b"bytes=-100", 1000), RangeAnswer::Partial(vec![r(900, 999)]));
-        assert_eq!(parse_range(b"bytes=-5000", 1000), RangeAnswer::Partial(vec![r(0, 999)]));
-        assert_eq!(parse_range(b"bytes=990-5000", 1000), RangeAnswer::Partial(vec![r(990, 999)]));
-        assert_eq!(parse_range(b"BYTES= 5-5 ", 1000), RangeAnswer::Partial(vec![r(5, 5)]));
+        assert_eq!(
+            parse_range(b"bytes=0-99", 1000),
+            RangeAnswer::Partial(vec![r(0, 99)])
+        );
+        assert_eq!(
+            parse_range(b"bytes=900-", 1000),
+            RangeAnswer::Partial(vec![r(900, 999)])
+        );
+        assert_eq!(
+            parse_range(b"bytes=-100", 1000),
+            RangeAnswer::Partial(vec![r(900, 999)])
+        );
+        assert_eq!(
+            parse_range(b"bytes=-5000", 1000),
+            RangeAnswer::Partial(vec![r(0, 999)])
+        );
+        assert_eq!(
+            parse_range(b"bytes=990-5000", 1000),
+            RangeAnswer::Partial(vec![r(990, 999)])
+        );
+        assert_eq!(
+            parse_range(b"BYTES= 5-5 ", 1000),
+            RangeAnswer::Partial(vec![r(5, 5)])
+        );
     }
 
     #[test]
@@ -156,8 +177,14 @@ mod tests {
 
     #[test]
     fn unsatisfiable() {
-        assert_eq!(parse_range(b"bytes=1000-", 1000), RangeAnswer::Unsatisfiable);
-        assert_eq!(parse_range(b"bytes=1000-2000", 1000), RangeAnswer::Unsatisfiable);
+        assert_eq!(
+            parse_range(b"bytes=1000-", 1000),
+            RangeAnswer::Unsatisfiable
+        );
+        assert_eq!(
+            parse_range(b"bytes=1000-2000", 1000),
+            RangeAnswer::Unsatisfiable
+        );
         assert_eq!(parse_range(b"bytes=-0", 1000), RangeAnswer::Unsatisfiable);
         assert_eq!(parse_range(b"bytes=0-0", 0), RangeAnswer::Unsatisfiable);
         assert_eq!(parse_range(b"bytes=-5", 0), RangeAnswer::Unsatisfiable);

@@ -50,8 +50,8 @@ use crate::fsutil::{Identity, Root};
 use crate::journal::{JournalError, State};
 use crate::keys::KeyTemplate;
 use crate::lookup::legacy::{BadPath, parse_legacy};
-use crate::lookup::signer::{Signed, Signer};
 use crate::lookup::sign::SignError;
+use crate::lookup::signer::{Signed, Signer};
 use crate::store::{Store, StoreError};
 use crate::watch::filter::Filter;
 
@@ -84,10 +84,10 @@ pub enum LookupError {
 }
 
 impl LookupError {
-    /// The HTTP status of this error.
+    /// The HTTP status of this error on `/v1/resolve` (the drop-in route answers an overlong
+    /// path with 414 instead).
     pub fn status(&self) -> u16 {
         match self {
-            LookupError::BadPath(b) if b.is_too_long() => 414,
             LookupError::BadPath(_) => 400,
             LookupError::NotFound => 404,
             LookupError::Journal(_) | LookupError::Store(_) => 503,
@@ -282,9 +282,8 @@ impl JournalReader {
 }
 
 fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT state, key, size, md5, bytes_sent FROM files WHERE path = ?1",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT state, key, size, md5, bytes_sent FROM files WHERE path = ?1")?;
     let row = stmt
         .query_row([rel.as_os_str().as_bytes()], |r| {
             let state: String = r.get(0)?;
@@ -411,7 +410,8 @@ impl Resolver {
         store: Option<Store>,
     ) -> Result<Resolver, ResolverError> {
         let cfg = &settings.config;
-        let template = KeyTemplate::parse(&cfg.storage.key_template).map_err(ResolverError::Template)?;
+        let template =
+            KeyTemplate::parse(&cfg.storage.key_template).map_err(ResolverError::Template)?;
         let root = Root::open(&cfg.watch.root).map_err(|source| ResolverError::Root {
             path: cfg.watch.root.clone(),
             source,
@@ -696,7 +696,13 @@ mod tests {
     #[test]
     fn stored_rows_are_signed_whatever_the_disk_says() {
         let t = setup(|_| {});
-        add(&t, b"a/b c.mp4", "deleted", 10, Some("00112233445566778899aabbccddeeff"));
+        add(
+            &t,
+            b"a/b c.mp4",
+            "deleted",
+            10,
+            Some("00112233445566778899aabbccddeeff"),
+        );
         for input in [
             &b"/record/a/b%20c.mp4"[..],
             b"a/b c.mp4",
@@ -707,7 +713,11 @@ mod tests {
             };
             assert_eq!(s.key, "n1/a/b c.mp4");
             assert_eq!(s.size, 10);
-            assert!(s.signed.url.starts_with("http://127.0.0.1:9/rec/n1/a/b%20c.mp4?X-Amz-"));
+            assert!(
+                s.signed
+                    .url
+                    .starts_with("http://127.0.0.1:9/rec/n1/a/b%20c.mp4?X-Amz-")
+            );
             let json: serde_json::Value =
                 serde_json::from_slice(&Answer::Stored(s).to_json(None)).unwrap();
             assert_eq!(json["state"], "uploaded");
@@ -721,7 +731,8 @@ mod tests {
         let t = setup(|_| {});
         std::fs::create_dir_all(t.root.join("d")).unwrap();
         std::fs::write(t.root.join("d/x+y %.mp4"), b"abc").unwrap();
-        let Answer::Pending(p) = block_on(t.resolver.resolve(b"/record/d/x+y%20%25.mp4", None)).unwrap()
+        let Answer::Pending(p) =
+            block_on(t.resolver.resolve(b"/record/d/x+y%20%25.mp4", None)).unwrap()
         else {
             panic!("not pending");
         };
@@ -750,7 +761,13 @@ mod tests {
         std::fs::write(t.root.join("partial.tmp"), b"x").unwrap();
         std::fs::write(t.root.join(".hidden.mp4"), b"x").unwrap();
         add(&t, b"gone.mp4", "vanished", 1, None);
-        for input in ["link.mp4", "partial.tmp", ".hidden.mp4", "nothing.mp4", "gone.mp4"] {
+        for input in [
+            "link.mp4",
+            "partial.tmp",
+            ".hidden.mp4",
+            "nothing.mp4",
+            "gone.mp4",
+        ] {
             assert!(
                 matches!(
                     block_on(t.resolver.resolve(input.as_bytes(), None)),
@@ -765,7 +782,8 @@ mod tests {
         assert_eq!(json["error"], "bad_path");
         assert_eq!(json["reason"], "dot_dot");
         let long = format!("/record/{}", "a/".repeat(3000));
-        assert_eq!(block_on(t.resolver.resolve(long.as_bytes(), None)).unwrap_err().status(), 414);
+        let e = block_on(t.resolver.resolve(long.as_bytes(), None)).unwrap_err();
+        assert!(matches!(e, LookupError::BadPath(ref b) if b.is_too_long()));
     }
 
     #[test]
@@ -779,7 +797,11 @@ mod tests {
                 },
                 NodeEntry {
                     name: "n2".into(),
-                    legacy_hosts: vec!["10.0.0.2".into(), "REC-02.example.com".into(), "::2".into()],
+                    legacy_hosts: vec![
+                        "10.0.0.2".into(),
+                        "REC-02.example.com".into(),
+                        "::2".into(),
+                    ],
                     lookup_url: "http://10.0.0.2:8090/".into(),
                 },
             ];

@@ -133,10 +133,12 @@ pub async fn bind(listen: &[ListenAddr]) -> Result<Bound, ServerError> {
     for l in listen {
         match l {
             ListenAddr::Tcp(a) => {
-                let listener = TcpListener::bind(a).await.map_err(|source| ServerError::Bind {
-                    addr: a.to_string(),
-                    source,
-                })?;
+                let listener = TcpListener::bind(a)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: a.to_string(),
+                        source,
+                    })?;
                 let local = listener.local_addr().map_err(|source| ServerError::Bind {
                     addr: a.to_string(),
                     source,
@@ -409,7 +411,11 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 }
 
 fn error_response(e: &LookupError) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error_response_with(e, e.status())
+}
+
+fn error_response_with(e: &LookupError, status: u16) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_server_error() {
         warn!(error = %e, "look-up failed");
     }
@@ -485,7 +491,9 @@ fn query_decode(value: &str) -> Result<Vec<u8>, &'static str> {
                 i += 1;
             }
             b'%' => {
-                let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
                 match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                     Some(v) if hex.is_some_and(|h| h.bytes().all(|x| x.is_ascii_hexdigit())) => {
                         out.push(v);
@@ -539,7 +547,10 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
         Ok(()) => json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
         Err(reason) => {
             let body = serde_json::json!({"status": "unavailable", "reason": reason});
-            json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string().into_bytes())
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                body.to_string().into_bytes(),
+            )
         }
     }
 }
@@ -595,6 +606,9 @@ async fn legacy(State(state): State<Arc<AppState>>, req: Request) -> Response {
         Err(LookupError::BadPath(crate::lookup::legacy::BadPath::OutsidePrefix { .. })) => {
             error_response(&LookupError::NotFound)
         }
+        Err(LookupError::BadPath(b)) if b.is_too_long() => {
+            error_response_with(&LookupError::BadPath(b), 414)
+        }
         Err(e) => error_response(&e),
     }
 }
@@ -634,9 +648,9 @@ fn content_type(rel: &std::path::Path) -> &'static str {
 }
 
 fn etag_matches(list: &str, etag: &str) -> bool {
-    list.split(',').map(str::trim).any(|t| {
-        t == "*" || t == etag || t.strip_prefix("W/").is_some_and(|weak| weak == etag)
-    })
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == etag || t.strip_prefix("W/").is_some_and(|weak| weak == etag))
 }
 
 /// The local file, as nginx's static module answered it.
@@ -700,12 +714,10 @@ async fn serve_file(p: Pending, req: &HeaderMap, head: bool) -> Response {
         }
         RangeAnswer::Partial(ranges) if ranges.len() == 1 => {
             let r = ranges[0];
-            builder = builder
-                .header(header::CONTENT_TYPE, ctype)
-                .header(
-                    header::CONTENT_RANGE,
-                    format!("bytes {}-{}/{size}", r.start, r.end),
-                );
+            builder = builder.header(header::CONTENT_TYPE, ctype).header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{size}", r.start, r.end),
+            );
             (
                 StatusCode::PARTIAL_CONTENT,
                 r.len(),
@@ -764,49 +776,52 @@ fn file_stream(
     pieces: Vec<Piece>,
 ) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
     let mut pieces: std::collections::VecDeque<Piece> = pieces.into();
-    futures::stream::unfold((file, pieces.pop_front(), pieces), |(file, current, mut rest)| async move {
-        let current = current?;
-        match current {
-            Piece::Bytes(b) => {
-                let next = rest.pop_front();
-                Some((Ok(b), (file, next, rest)))
-            }
-            Piece::File(_, 0) => {
-                let next = rest.pop_front();
-                Some((Ok(Bytes::new()), (file, next, rest)))
-            }
-            Piece::File(offset, len) => {
-                let n = len.min(CHUNK as u64) as usize;
-                let f = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n];
-                    let got = crate::store::read_full_at(&f, &mut buf, offset)?;
-                    if got < n {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the file became shorter while it was being sent",
-                        ));
+    futures::stream::unfold(
+        (file, pieces.pop_front(), pieces),
+        |(file, current, mut rest)| async move {
+            let current = current?;
+            match current {
+                Piece::Bytes(b) => {
+                    let next = rest.pop_front();
+                    Some((Ok(b), (file, next, rest)))
+                }
+                Piece::File(_, 0) => {
+                    let next = rest.pop_front();
+                    Some((Ok(Bytes::new()), (file, next, rest)))
+                }
+                Piece::File(offset, len) => {
+                    let n = len.min(CHUNK as u64) as usize;
+                    let f = file.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n];
+                        let got = crate::store::read_full_at(&f, &mut buf, offset)?;
+                        if got < n {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the file became shorter while it was being sent",
+                            ));
+                        }
+                        Ok(Bytes::from(buf))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                    match read {
+                        Ok(bytes) => {
+                            let left = len - n as u64;
+                            let next = if left == 0 {
+                                rest.pop_front()
+                            } else {
+                                Some(Piece::File(offset + n as u64, left))
+                            };
+                            Some((Ok(bytes), (file, next, rest)))
+                        }
+                        // End the stream after the error: the client sees a short body.
+                        Err(e) => Some((Err(e), (file, None, rest))),
                     }
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
-                match read {
-                    Ok(bytes) => {
-                        let left = len - n as u64;
-                        let next = if left == 0 {
-                            rest.pop_front()
-                        } else {
-                            Some(Piece::File(offset + n as u64, left))
-                        };
-                        Some((Ok(bytes), (file, next, rest)))
-                    }
-                    // End the stream after the error: the client sees a short body.
-                    Err(e) => Some((Err(e), (file, None, rest))),
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -841,7 +856,10 @@ mod tests {
 
     #[test]
     fn multipart_length_is_exact() {
-        let ranges = [ByteRange { start: 0, end: 9 }, ByteRange { start: 20, end: 20 }];
+        let ranges = [
+            ByteRange { start: 0, end: 9 },
+            ByteRange { start: 20, end: 20 },
+        ];
         let (len, pieces) = multipart(&ranges, "B", "video/mp4", 100);
         let total: u64 = pieces
             .iter()
@@ -857,6 +875,9 @@ mod tests {
     #[test]
     fn content_types() {
         assert_eq!(content_type(std::path::Path::new("a/b.MP4")), "video/mp4");
-        assert_eq!(content_type(std::path::Path::new("a/b")), "application/octet-stream");
+        assert_eq!(
+            content_type(std::path::Path::new("a/b")),
+            "application/octet-stream"
+        );
     }
 }

@@ -309,10 +309,7 @@ pub fn presign_s3v4(input: &SignInput<'_>) -> Result<String, SignError> {
         "{S3V4_ALGORITHM}\n{datetime}\n{scope}\n{}",
         hex::encode(Sha256::digest(canonical.as_bytes()))
     );
-    let mut key = hmac_sha256(
-        format!("AWS4{}", input.secret).as_bytes(),
-        date.as_bytes(),
-    );
+    let mut key = hmac_sha256(format!("AWS4{}", input.secret).as_bytes(), date.as_bytes());
     for part in [input.region, "s3", "aws4_request"] {
         key = hmac_sha256(&key, part.as_bytes());
     }

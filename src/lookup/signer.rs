@@ -183,13 +183,19 @@ mod tests {
             c.storage.path_style = true;
         });
         assert_eq!(Signer::new(&s).unwrap().base(), "http://127.0.0.1:9000/rec");
-        let (_d, s) = settings(|c| c.lookup.public_base_url = Some("https://media.example.com/".into()));
+        let (_d, s) =
+            settings(|c| c.lookup.public_base_url = Some("https://media.example.com/".into()));
         assert_eq!(Signer::new(&s).unwrap().base(), "https://media.example.com");
     }
 
     #[test]
     fn every_style_signs_and_repeats_within_a_window() {
-        for style in [PresignStyle::S3v4, PresignStyle::OssV4, PresignStyle::OssV1, PresignStyle::CdnA] {
+        for style in [
+            PresignStyle::S3v4,
+            PresignStyle::OssV4,
+            PresignStyle::OssV1,
+            PresignStyle::CdnA,
+        ] {
             let (_d, s) = settings(|c| {
                 c.lookup.presign_style = style;
                 c.lookup.public_base_url = Some("https://cdn.example.com".into());
@@ -199,13 +205,24 @@ mod tests {
             let a = signer.sign("node/a b.mp4", 1_700_000_000).unwrap();
             let b = signer.sign("node/a b.mp4", 1_700_000_090).unwrap();
             assert_eq!(a, b, "{style:?}");
-            assert!(a.url.starts_with("https://cdn.example.com/node/a%20b.mp4?"), "{}", a.url);
+            assert!(
+                a.url.starts_with("https://cdn.example.com/node/a%20b.mp4?"),
+                "{}",
+                a.url
+            );
             // Valid for at least the requested time minus the rounding step, never more.
-            let validity = if style == PresignStyle::CdnA { 1800 } else { 3600 };
+            let validity = if style == PresignStyle::CdnA {
+                1800
+            } else {
+                3600
+            };
             let step = validity / 2;
             assert!(a.expires_unix > 1_700_000_090 + validity - step - 1);
             assert!(a.expires_unix <= 1_700_000_000 + validity);
-            assert_ne!(signer.sign("node/a b.mp4", 1_700_000_000 + step).unwrap(), a);
+            assert_ne!(
+                signer.sign("node/a b.mp4", 1_700_000_000 + step).unwrap(),
+                a
+            );
         }
     }
 
@@ -218,9 +235,16 @@ mod tests {
             c.lookup.cdn_validity_secs = 86_400;
             c.lookup.presign_round_secs = Some(600);
         });
-        let signed = Signer::new(&s).unwrap().sign("k.mp4", 1_700_000_123).unwrap();
+        let signed = Signer::new(&s)
+            .unwrap()
+            .sign("k.mp4", 1_700_000_123)
+            .unwrap();
         // Rounded down to 600 s: 1_699_999_800.
-        assert!(signed.url.contains("auth_key=1699999800-0-0-"), "{}", signed.url);
+        assert!(
+            signed.url.contains("auth_key=1699999800-0-0-"),
+            "{}",
+            signed.url
+        );
         assert_eq!(signed.expires_unix, 1_699_999_800 + 86_400);
         assert_eq!(signed.expires_at(), "2023-11-15T22:10:00Z");
     }
@@ -231,6 +255,9 @@ mod tests {
             oss_native_endpoint("https://s3.oss-cn-hangzhou.aliyuncs.com"),
             "https://oss-cn-hangzhou.aliyuncs.com"
         );
-        assert_eq!(oss_native_endpoint("http://127.0.0.1:9"), "http://127.0.0.1:9");
+        assert_eq!(
+            oss_native_endpoint("http://127.0.0.1:9"),
+            "http://127.0.0.1:9"
+        );
     }
 }
