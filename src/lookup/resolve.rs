@@ -741,7 +741,8 @@ mod tests {
         assert_eq!(p.identity.size, 3);
         // Known to the journal and uploading: the answer says how far it got.
         add(&t, b"d/x+y %.mp4", "uploading", 3, None);
-        let Answer::Pending(p) = block_on(t.resolver.resolve(b"d/x+y %.mp4", None)).unwrap() else {
+        let Answer::Pending(p) = block_on(t.resolver.resolve(b"d/x+y%20%25.mp4", None)).unwrap()
+        else {
             panic!("not pending");
         };
         let json: serde_json::Value =
