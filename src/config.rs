@@ -1135,6 +1135,116 @@ mod tests {
     }
 
     #[test]
+    fn lookup_keys_are_validated_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path(), &dir.path().join("j.db"));
+        let node = |extra: &str| {
+            format!("{b}[[nodes]]\nname = \"n2\"\nlookup_url = \"http://10.0.0.2:8090\"\n{extra}")
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{b}[lookup]\npublic_base_url = \"ftp://x\""),
+                "lookup.public_base_url",
+            ),
+            (
+                format!("{b}[lookup]\npublic_base_url = \"https://x/?a=1\""),
+                "lookup.public_base_url",
+            ),
+            (
+                format!("{b}[lookup]\npresign_style = \"cdn-a\""),
+                "lookup.public_base_url",
+            ),
+            (
+                format!(
+                    "{b}[lookup]\npresign_style = \"cdn-a\"\npublic_base_url = \"https://cdn.example.com\""
+                ),
+                "lookup.cdn_auth_key",
+            ),
+            (
+                format!("{b}[lookup]\ncdn_validity_secs = 0"),
+                "lookup.cdn_validity_secs",
+            ),
+            (
+                format!("{b}[lookup]\npresign_round_secs = 9999999"),
+                "lookup.presign_round_secs",
+            ),
+            (
+                format!("{b}[lookup]\nmax_header_bytes = 100"),
+                "lookup.max_header_bytes",
+            ),
+            (
+                format!("{b}[lookup]\nmax_connections = 0"),
+                "lookup.max_connections",
+            ),
+            (
+                format!("{b}[lookup]\nrequest_timeout_secs = 0"),
+                "lookup.request_timeout_secs",
+            ),
+            (
+                format!("{b}[lookup]\nallow = [\"10.0.0.0/8\", \"nope\"]"),
+                "lookup.allow[1]",
+            ),
+            (
+                format!("{b}[lookup.auth.keys]\napp = \"short\""),
+                "lookup.auth.keys.app",
+            ),
+            (
+                format!("{b}[lookup.auth.keys]\n\"a b\" = \"0123456789abcdef\""),
+                "lookup.auth.keys.a b",
+            ),
+            (
+                format!("{b}[lookup.auth]\nwindow_secs = 0"),
+                "lookup.auth.window_secs",
+            ),
+            (format!("{b}[lookup.auth]\nbogus = 1"), "lookup.auth.bogus"),
+            (node("legacy_hosts = [\"a b\"]"), "nodes[0].legacy_hosts[0]"),
+            (
+                format!("{b}[[nodes]]\nname = \"n2\"\nlookup_url = \"x\""),
+                "nodes[0].lookup_url",
+            ),
+            (
+                format!("{b}[[nodes]]\nname = \"bad name\"\nlookup_url = \"http://h\""),
+                "nodes[0].name",
+            ),
+            (
+                format!(
+                    "{}[[nodes]]\nname = \"n3\"\nlookup_url = \"http://h\"\nlegacy_hosts = [\"H1\"]\n",
+                    node("legacy_hosts = [\"h1\"]")
+                ),
+                "nodes[1].legacy_hosts[0]",
+            ),
+        ];
+        for (toml, key) in cases {
+            let e = err_of(&toml);
+            assert_eq!(e.key, key, "for {toml}: {e}");
+        }
+        let ok = from_toml_str(&format!(
+            "{b}[lookup]\nallow = [\"::1\", \"10.0.0.0/8\"]\n[lookup.auth.keys]\napp = \"0123456789abcdef\"\n[[nodes]]\nname = \"n2\"\nlegacy_hosts = [\"10.0.0.2\", \"::2\"]\nlookup_url = \"http://10.0.0.2:8090\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.config.nodes.len(), 1);
+        let shown = redacted_toml(&ok);
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert_eq!(normalize_host("[0::2]").unwrap(), "[::2]");
+        assert_eq!(normalize_host("REC.example").unwrap(), "rec.example");
+    }
+
+    /// Every key of config.example.toml is a key this build knows.
+    #[test]
+    fn example_config_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&text))
+            .extract()
+            .map_err(from_figment)
+            .unwrap();
+        assert_eq!(config.lookup.remote_check_cache_secs, 30.0);
+        assert_eq!(config.lookup.auth.window_secs, 300);
+    }
+
+    #[test]
     fn rejects_missing_root_and_uncreatable_journal() {
         let dir = tempfile::tempdir().unwrap();
         let e = err_of(&base(&dir.path().join("missing"), &dir.path().join("j.db")));

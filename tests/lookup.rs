@@ -636,9 +636,10 @@ fn signed_query(
         ("path", p),
         ("ts", ts.as_str()),
     ]
-    .map(|(n, v)| format!("{}={}", e(n), e(v)));
+    .map(|(n, v)| (e(n), e(v)));
+    // Sorted by name, then value.
     params.sort();
-    let canonical = params.join("&");
+    let canonical = params.map(|(n, v)| format!("{n}={v}")).join("&");
     let to_sign = format!("{method}\n{path}\n{canonical}\n{ts}\n{nonce}");
     let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(to_sign.as_bytes());
