@@ -1139,7 +1139,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = base(dir.path(), &dir.path().join("j.db"));
         let node = |extra: &str| {
-            format!("{b}[[nodes]]\nname = \"n2\"\nlookup_url = \"http://10.0.0.2:8090\"\n{extra}")
+            format!("{b}[[nodes]]\nname = \"n2\"\nlookup_url = \"http://10.0.0.2:8090\"\n{extra}\n")
         };
         let cases: Vec<(String, &str)> = vec![
             (

@@ -170,10 +170,12 @@ drain_secs = 1
     let mut child = spawn(&cfg, "", &log);
     let deadline = Instant::now() + Duration::from_secs(90);
     while files.keys().any(|r| env.root.join(r).exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "not finished after the last restart"
-        );
+        if Instant::now() >= deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            panic!("not finished after the last restart; log tail:\n{tail}");
+        }
         if let Some(st) = child.try_wait().unwrap() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: String = text
