@@ -129,7 +129,8 @@ impl Daemon {
         let resolver = Resolver::new(
             &settings,
             default_public_url(&settings, &lookup_addrs),
-            Some(store.clone()),
+            // A client of its own: the look-up thread's runtime drives its connections.
+            Some(Store::new(&settings)),
         )?;
         let hooks = {
             let cancel = cancel.clone();

@@ -105,6 +105,8 @@ pub enum ServerError {
     InUse(PathBuf),
     #[error("lookup.allow: {0}")]
     Allow(String),
+    #[error("cannot start the look-up server: {0}")]
+    Thread(#[source] io::Error),
 }
 
 enum Listener {
@@ -218,7 +220,13 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves on every bound listener until `cancel` fires. Tasks are tracked by `tracker`.
+/// Serves on every bound listener until `cancel` fires.
+///
+/// The server runs on a thread of its own ("lookup") with a single-threaded runtime, like one
+/// nginx worker: look-ups are short and CPU-bound (an indexed read, a signature), so one event
+/// loop without cross-thread hand-offs serves them fastest, and the upload pipeline's
+/// runtime is never busy with them. The thread ends after the connections drained; a task in
+/// `tracker` waits for it.
 pub fn serve(
     bound: Bound,
     resolver: Arc<Resolver>,
@@ -235,20 +243,45 @@ pub fn serve(
         auth_legacy: lk.auth.legacy_route,
         hooks,
     });
-    let app = router(state);
     let limits = Limits::from_settings(settings);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    for listener in bound.listeners {
-        let ctx = AcceptCtx {
-            app: app.clone(),
-            allow: allow.clone(),
-            limits,
-            permits: permits.clone(),
-            cancel: cancel.clone(),
-            tracker: tracker.clone(),
+    // Listeners move to the server's runtime as plain sockets and are registered there.
+    let mut listeners = Vec::new();
+    for l in bound.listeners {
+        let moved = match l {
+            Listener::Tcp(t) => t.into_std().map(StdListener::Tcp),
+            Listener::Unix(u, p) => u.into_std().map(|u| StdListener::Unix(u, p)),
         };
-        tracker.spawn(accept_loop(listener, ctx));
+        listeners.push(moved.map_err(ServerError::Thread)?);
     }
+    let ctx = AcceptCtx {
+        app: router(state),
+        allow,
+        limits,
+        permits: Arc::new(Semaphore::new(limits.max_connections)),
+        cancel,
+        tracker: TaskTracker::new(),
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("lookup".to_string())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "cannot start the look-up server's runtime");
+                    return;
+                }
+            };
+            rt.block_on(run_listeners(listeners, ctx));
+            drop(done_tx);
+        })
+        .map_err(ServerError::Thread)?;
+    tracker.spawn(async move {
+        let _ = done_rx.await;
+    });
     for a in &bound.addrs {
         match a {
             ListenAddr::Tcp(a) => info!(addr = %a, "look-up server listening"),
@@ -256,6 +289,31 @@ pub fn serve(
         }
     }
     Ok(())
+}
+
+enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Accepts on every listener until cancelled, then waits for the connections to drain.
+async fn run_listeners(listeners: Vec<StdListener>, ctx: AcceptCtx) {
+    let mut loops = Vec::new();
+    for l in listeners {
+        let listener = match l {
+            StdListener::Tcp(s) => TcpListener::from_std(s).map(Listener::Tcp),
+            StdListener::Unix(s, p) => UnixListener::from_std(s).map(|u| Listener::Unix(u, p)),
+        };
+        match listener {
+            Ok(l) => loops.push(tokio::spawn(accept_loop(l, ctx.clone()))),
+            Err(e) => warn!(error = %e, "cannot register a look-up listener"),
+        }
+    }
+    for l in loops {
+        let _ = l.await;
+    }
+    ctx.tracker.close();
+    ctx.tracker.wait().await;
 }
 
 #[derive(Clone)]
