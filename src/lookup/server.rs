@@ -930,6 +930,68 @@ mod tests {
         assert_eq!(pieces.len(), 5);
     }
 
+    /// `/healthz` answers with the daemon's verdict, and its reason when unhealthy.
+    #[test]
+    fn healthz_follows_the_health_check() {
+        use crate::config::{self, Config};
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.watch.root = dir.path().to_path_buf();
+        c.journal.path = dir.path().join("j.db");
+        c.storage.bucket = "rec".into();
+        c.storage.access_key_id = "ak".into();
+        c.storage.access_key_secret = "sk".into();
+        let settings = config::validate(c).unwrap();
+        crate::journal::open_rw(&settings.config.journal.path).unwrap();
+        let resolver = Resolver::new(&settings, "http://127.0.0.1:8090".into(), None).unwrap();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = healthy.clone();
+        let state = Arc::new(AppState {
+            resolver: Arc::new(resolver),
+            auth: None,
+            auth_legacy: false,
+            hooks: Hooks {
+                health: Arc::new(move || {
+                    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        Ok(())
+                    } else {
+                        Err("the uploader has stopped".to_string())
+                    }
+                }),
+                ..Hooks::default()
+            },
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let call = |state: Arc<AppState>| {
+            rt.block_on(async move {
+                let mut app = router(state);
+                let req = Request::builder()
+                    .uri("/healthz")
+                    .body(Body::empty())
+                    .unwrap();
+                let resp = app.call(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+                )
+            })
+        };
+        let (status, body) = call(state.clone());
+        assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+        healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (status, body) = call(state);
+        assert_eq!(status, 503);
+        assert_eq!(body["reason"], "the uploader has stopped");
+    }
+
     #[test]
     fn content_types() {
         assert_eq!(content_type(std::path::Path::new("a/b.MP4")), "video/mp4");
