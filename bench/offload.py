@@ -104,6 +104,8 @@ bucket = "recordings"
 access_key_id = "{ACCESS_KEY}"
 access_key_secret = "{SECRET_KEY}"
 path_style = true
+[lookup]
+listen = ["127.0.0.1:0"]
 [upload]
 part_size_mib = {args.part_size_mib}
 concurrency = {args.concurrency}

@@ -71,6 +71,16 @@ pub enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// The look-up answer for a legacy path or URL, as `GET /v1/resolve` gives it (exit 0: an
+    /// answer; 1: not found or bad input; 2: config or journal unreadable).
+    Resolve {
+        /// A legacy path (/record/a/b.mp4), a path relative to the root, or a whole legacy URL,
+        /// percent-encoded as the old URLs were.
+        path_or_url: std::ffi::OsString,
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-queue failed files: one by its id, or all with --failed.
     ///
     /// Failed files are also retried by themselves after upload.failed_retry_secs; this does
@@ -171,6 +181,7 @@ pub fn main() -> ExitCode {
             };
             with_journal(&source, |_, conn| ls(conn, state, json, limit))
         }
+        Command::Resolve { path_or_url, json } => resolve(&source, &path_or_url, json),
         Command::Retry { id, failed } => {
             if id.is_none() && !failed {
                 return fail("retry needs a row id or --failed", 2);
@@ -269,6 +280,62 @@ fn run(source: &Source) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), 1),
     }
+}
+
+fn resolve(source: &Source, input: &std::ffi::OsStr, json: bool) -> ExitCode {
+    use crate::lookup::resolve::{Answer, LookupError, Resolver, default_public_url};
+    use std::os::unix::ffi::OsStrExt;
+    let settings = match config::load(source) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 2),
+    };
+    rt.block_on(async {
+        let public_url = default_public_url(&settings, &settings.listen);
+        let store = crate::store::Store::new(&settings);
+        let resolver = match Resolver::new(&settings, public_url, Some(store)) {
+            Ok(r) => r,
+            Err(e) => return fail(&e.to_string(), 2),
+        };
+        match resolver.resolve(input.as_bytes(), None).await {
+            Ok(answer) => {
+                let url = match &answer {
+                    Answer::Stored(s) => s.signed.url.clone(),
+                    Answer::Pending(p) => p.url.clone(),
+                    Answer::Elsewhere(e) => format!(
+                        "{}/v1/resolve?path={}",
+                        e.lookup_url,
+                        percent_encoding::percent_encode(
+                            input.as_bytes(),
+                            percent_encoding::NON_ALPHANUMERIC
+                        )
+                    ),
+                };
+                if json {
+                    println!("{}", String::from_utf8_lossy(&answer.to_json(Some(&url))));
+                } else {
+                    println!("{url}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                if json {
+                    println!("{}", String::from_utf8_lossy(&e.to_json()));
+                }
+                let code = match e {
+                    LookupError::BadPath(_) | LookupError::NotFound => 1,
+                    _ => 2,
+                };
+                fail(&e.to_string(), code)
+            }
+        }
+    })
 }
 
 /// Human size: 1.3 GiB.

@@ -66,6 +66,8 @@ pub struct Config {
     pub lookup: LookupConfig,
     pub log: LogConfig,
     pub health: HealthConfig,
+    /// The other recording hosts (`[[nodes]]`), for look-ups that name them.
+    pub nodes: Vec<NodeEntry>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,6 +225,32 @@ pub struct LookupConfig {
     pub presign_expiry_secs: u64,
     pub presign_style: PresignStyle,
     pub public_url: Option<String>,
+    /// Where signed URLs point instead of the bucket's own endpoint: a custom domain bound to
+    /// the bucket, or the CDN domain for `cdn-a` (required there).
+    pub public_base_url: Option<String>,
+    /// Step the signing time is rounded down to, so a file keeps its URL for a while (CDN
+    /// caching). Default: half the validity, at most 3600.
+    pub presign_round_secs: Option<u64>,
+    /// `cdn-a`: the CDN domain's URL-auth key (primary key of type A authentication).
+    pub cdn_auth_key: String,
+    /// `cdn-a`: the validity configured on the CDN domain; `expires_at` is the signing time
+    /// plus this.
+    pub cdn_validity_secs: u64,
+    /// Files the journal does not know: HEAD their templated key in the bucket.
+    pub remote_check: bool,
+    /// How long a remote check's answer is reused.
+    pub remote_check_cache_secs: f64,
+    /// A request (headers read to answer sent, file bodies excluded) must finish in this time.
+    pub request_timeout_secs: f64,
+    /// A client must send its request headers within this time.
+    pub header_timeout_secs: f64,
+    /// Upper bound of the request line plus headers, in bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Client networks allowed to use the look-up server (CIDR or address); empty: all.
+    pub allow: Vec<String>,
+    pub auth: LookupAuthConfig,
 }
 
 impl Default for LookupConfig {
@@ -233,8 +261,57 @@ impl Default for LookupConfig {
             presign_expiry_secs: 3600,
             presign_style: PresignStyle::S3v4,
             public_url: None,
+            public_base_url: None,
+            presign_round_secs: None,
+            cdn_auth_key: String::new(),
+            cdn_validity_secs: 1800,
+            remote_check: false,
+            remote_check_cache_secs: 30.0,
+            request_timeout_secs: 30.0,
+            header_timeout_secs: 10.0,
+            max_header_bytes: 16 * 1024,
+            max_connections: 1024,
+            allow: Vec::new(),
+            auth: LookupAuthConfig::default(),
         }
     }
+}
+
+/// Signed look-up requests (off while `keys` is empty).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupAuthConfig {
+    /// App key → secret.
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// Accepted distance between a request's `ts` and this host's clock; nonces are remembered
+    /// this long.
+    pub window_secs: u64,
+    /// Also require signatures on the drop-in legacy route (players then need signed URLs).
+    pub legacy_route: bool,
+}
+
+impl Default for LookupAuthConfig {
+    fn default() -> Self {
+        LookupAuthConfig {
+            keys: Default::default(),
+            window_secs: 300,
+            legacy_route: false,
+        }
+    }
+}
+
+/// Another recording host (`[[nodes]]`). The same list may be shipped to every host: the entry
+/// named like `node.name` describes this host itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    /// Its `node.name` (what `{node}` renders to in its keys).
+    pub name: String,
+    /// Host names and addresses its legacy URLs carry (`10.1.2.4`, `rec-02.example.com`).
+    #[serde(default)]
+    pub legacy_hosts: Vec<String>,
+    /// Its look-up server, as this host can reach it (`http://10.1.2.4:8090`).
+    pub lookup_url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -704,6 +781,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
     // health
     // Idle stages beat about once a second: the allowance must leave room for that.
     check_secs("health.stall_secs", config.health.stall_secs, 2.0, 86400.0)?;
+    validate_lookup_extras(&config)?;
 
     // log
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
@@ -720,6 +798,188 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         exclude,
         listen,
     })
+}
+
+fn check_http_url(key: &str, u: &str) -> Result<url::Url, ConfigError> {
+    let parsed =
+        url::Url::parse(u).map_err(|e| ConfigError::new(key, format!("not a URL ({e}): {u:?}")))?;
+    if (parsed.scheme() != "http" && parsed.scheme() != "https") || parsed.host_str().is_none() {
+        return Err(ConfigError::new(
+            key,
+            format!("must be http:// or https:// with a host, got {u:?}"),
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("must not carry user info, a query or a fragment, got {u:?}"),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The look-up keys beyond the SPEC's five, and `[[nodes]]`.
+fn validate_lookup_extras(config: &Config) -> Result<(), ConfigError> {
+    let lk = &config.lookup;
+    if let Some(u) = &lk.public_base_url {
+        check_http_url("lookup.public_base_url", u)?;
+    }
+    if let Some(r) = lk.presign_round_secs
+        && r > MAX_PRESIGN_SECS
+    {
+        return Err(ConfigError::new(
+            "lookup.presign_round_secs",
+            format!("must be at most {MAX_PRESIGN_SECS}, got {r}"),
+        ));
+    }
+    if lk.presign_style == PresignStyle::CdnA {
+        if lk.public_base_url.is_none() {
+            return Err(ConfigError::new(
+                "lookup.public_base_url",
+                "is required with presign_style = \"cdn-a\" (the CDN domain, e.g. https://cdn.example.com)",
+            ));
+        }
+        if lk.cdn_auth_key.is_empty() {
+            return Err(ConfigError::new(
+                "lookup.cdn_auth_key",
+                "is required with presign_style = \"cdn-a\"",
+            ));
+        }
+    }
+    if lk.cdn_validity_secs == 0 || lk.cdn_validity_secs > 365 * 86400 {
+        return Err(ConfigError::new(
+            "lookup.cdn_validity_secs",
+            format!(
+                "must be between 1 and {} (a year), got {}",
+                365 * 86400,
+                lk.cdn_validity_secs
+            ),
+        ));
+    }
+    check_secs(
+        "lookup.remote_check_cache_secs",
+        lk.remote_check_cache_secs,
+        0.0,
+        3600.0,
+    )?;
+    check_secs(
+        "lookup.request_timeout_secs",
+        lk.request_timeout_secs,
+        0.1,
+        3600.0,
+    )?;
+    check_secs(
+        "lookup.header_timeout_secs",
+        lk.header_timeout_secs,
+        0.1,
+        3600.0,
+    )?;
+    if lk.max_header_bytes < 8192 || lk.max_header_bytes > 1024 * 1024 {
+        return Err(ConfigError::new(
+            "lookup.max_header_bytes",
+            format!(
+                "must be between 8192 and 1048576, got {}",
+                lk.max_header_bytes
+            ),
+        ));
+    }
+    if lk.max_connections == 0 || lk.max_connections > 100_000 {
+        return Err(ConfigError::new(
+            "lookup.max_connections",
+            format!("must be between 1 and 100000, got {}", lk.max_connections),
+        ));
+    }
+    for (i, a) in lk.allow.iter().enumerate() {
+        crate::lookup::auth::Cidr::parse(a)
+            .map_err(|e| ConfigError::new(format!("lookup.allow[{i}]"), e))?;
+    }
+    for (app, secret) in &lk.auth.keys {
+        let key = format!("lookup.auth.keys.{app}");
+        if app.is_empty()
+            || app.len() > 64
+            || !app
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(ConfigError::new(
+                key,
+                "app keys must be 1-64 characters of a-z, A-Z, 0-9, '-', '_', '.'",
+            ));
+        }
+        if secret.len() < 16 {
+            return Err(ConfigError::new(
+                key,
+                "the secret must be at least 16 characters",
+            ));
+        }
+    }
+    if lk.auth.window_secs == 0 || lk.auth.window_secs > 3600 {
+        return Err(ConfigError::new(
+            "lookup.auth.window_secs",
+            format!("must be between 1 and 3600, got {}", lk.auth.window_secs),
+        ));
+    }
+    let mut seen_hosts = std::collections::HashMap::new();
+    let mut seen_names = std::collections::HashSet::new();
+    for (i, n) in config.nodes.iter().enumerate() {
+        let key = format!("nodes[{i}]");
+        if n.name.is_empty()
+            || n.name.len() > 128
+            || !n
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(ConfigError::new(
+                format!("{key}.name"),
+                format!(
+                    "must be 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.', got {:?}",
+                    n.name
+                ),
+            ));
+        }
+        if !seen_names.insert(n.name.as_str()) {
+            return Err(ConfigError::new(
+                format!("{key}.name"),
+                format!("node {:?} is listed twice", n.name),
+            ));
+        }
+        check_http_url(&format!("{key}.lookup_url"), &n.lookup_url)?;
+        for (j, h) in n.legacy_hosts.iter().enumerate() {
+            let hkey = format!("{key}.legacy_hosts[{j}]");
+            let norm = normalize_host(h).map_err(|e| ConfigError::new(hkey.clone(), e))?;
+            if let Some(other) = seen_hosts.insert(norm, n.name.as_str()) {
+                return Err(ConfigError::new(
+                    hkey,
+                    format!("{h:?} is also a legacy host of node {other:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A legacy host as look-up input carries it: lower-case, IPv6 addresses in brackets, no port.
+pub fn normalize_host(h: &str) -> Result<String, String> {
+    let t = h.trim();
+    if let Ok(v6) = t
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::Ipv6Addr>()
+    {
+        return Ok(format!("[{v6}]"));
+    }
+    let lower = t.to_ascii_lowercase();
+    if lower.is_empty()
+        || !lower
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~'))
+    {
+        return Err(format!(
+            "expected a host name or address without port, got {h:?}"
+        ));
+    }
+    Ok(lower)
 }
 
 /// The journal's file must be creatable: its directory exists and is writable, or the nearest
@@ -840,6 +1100,12 @@ pub fn redacted_toml(settings: &Settings) -> String {
     if !c.storage.access_key_secret.is_empty() {
         c.storage.access_key_secret = "<redacted>".to_string();
     }
+    if !c.lookup.cdn_auth_key.is_empty() {
+        c.lookup.cdn_auth_key = "<redacted>".to_string();
+    }
+    for secret in c.lookup.auth.keys.values_mut() {
+        *secret = "<redacted>".to_string();
+    }
     toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
 }
 
@@ -954,6 +1220,116 @@ mod tests {
             let e = err_of(&toml);
             assert_eq!(e.key, key, "for {toml}: {e}");
         }
+    }
+
+    #[test]
+    fn lookup_keys_are_validated_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path(), &dir.path().join("j.db"));
+        let node = |extra: &str| {
+            format!("{b}[[nodes]]\nname = \"n2\"\nlookup_url = \"http://10.0.0.2:8090\"\n{extra}\n")
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{b}[lookup]\npublic_base_url = \"ftp://x\""),
+                "lookup.public_base_url",
+            ),
+            (
+                format!("{b}[lookup]\npublic_base_url = \"https://x/?a=1\""),
+                "lookup.public_base_url",
+            ),
+            (
+                format!("{b}[lookup]\npresign_style = \"cdn-a\""),
+                "lookup.public_base_url",
+            ),
+            (
+                format!(
+                    "{b}[lookup]\npresign_style = \"cdn-a\"\npublic_base_url = \"https://cdn.example.com\""
+                ),
+                "lookup.cdn_auth_key",
+            ),
+            (
+                format!("{b}[lookup]\ncdn_validity_secs = 0"),
+                "lookup.cdn_validity_secs",
+            ),
+            (
+                format!("{b}[lookup]\npresign_round_secs = 9999999"),
+                "lookup.presign_round_secs",
+            ),
+            (
+                format!("{b}[lookup]\nmax_header_bytes = 100"),
+                "lookup.max_header_bytes",
+            ),
+            (
+                format!("{b}[lookup]\nmax_connections = 0"),
+                "lookup.max_connections",
+            ),
+            (
+                format!("{b}[lookup]\nrequest_timeout_secs = 0"),
+                "lookup.request_timeout_secs",
+            ),
+            (
+                format!("{b}[lookup]\nallow = [\"10.0.0.0/8\", \"nope\"]"),
+                "lookup.allow[1]",
+            ),
+            (
+                format!("{b}[lookup.auth.keys]\napp = \"short\""),
+                "lookup.auth.keys.app",
+            ),
+            (
+                format!("{b}[lookup.auth.keys]\n\"a b\" = \"0123456789abcdef\""),
+                "lookup.auth.keys.a b",
+            ),
+            (
+                format!("{b}[lookup.auth]\nwindow_secs = 0"),
+                "lookup.auth.window_secs",
+            ),
+            (format!("{b}[lookup.auth]\nbogus = 1"), "lookup.auth.bogus"),
+            (node("legacy_hosts = [\"a b\"]"), "nodes[0].legacy_hosts[0]"),
+            (
+                format!("{b}[[nodes]]\nname = \"n2\"\nlookup_url = \"x\""),
+                "nodes[0].lookup_url",
+            ),
+            (
+                format!("{b}[[nodes]]\nname = \"bad name\"\nlookup_url = \"http://h\""),
+                "nodes[0].name",
+            ),
+            (
+                format!(
+                    "{}[[nodes]]\nname = \"n3\"\nlookup_url = \"http://h\"\nlegacy_hosts = [\"H1\"]\n",
+                    node("legacy_hosts = [\"h1\"]")
+                ),
+                "nodes[1].legacy_hosts[0]",
+            ),
+        ];
+        for (toml, key) in cases {
+            let e = err_of(&toml);
+            assert_eq!(e.key, key, "for {toml}: {e}");
+        }
+        let ok = from_toml_str(&format!(
+            "{b}[lookup]\nallow = [\"::1\", \"10.0.0.0/8\"]\n[lookup.auth.keys]\napp = \"0123456789abcdef\"\n[[nodes]]\nname = \"n2\"\nlegacy_hosts = [\"10.0.0.2\", \"::2\"]\nlookup_url = \"http://10.0.0.2:8090\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.config.nodes.len(), 1);
+        let shown = redacted_toml(&ok);
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert_eq!(normalize_host("[0::2]").unwrap(), "[::2]");
+        assert_eq!(normalize_host("REC.example").unwrap(), "rec.example");
+    }
+
+    /// Every key of config.example.toml is a key this build knows.
+    #[test]
+    fn example_config_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&text))
+            .extract()
+            .map_err(from_figment)
+            .unwrap();
+        assert_eq!(config.lookup.remote_check_cache_secs, 30.0);
+        assert_eq!(config.lookup.auth.window_secs, 300);
     }
 
     #[test]

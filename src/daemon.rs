@@ -31,12 +31,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Settings;
+use crate::config::{ListenAddr, Settings};
 use crate::delete::DeleteJob;
 use crate::fsutil::Root;
 use crate::health::{self, Heartbeat, Liveness};
 use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
 use crate::keys::KeyTemplate;
+use crate::lookup::resolve::{Resolver, ResolverError, default_public_url};
+use crate::lookup::server::{self as lookup_server, Hooks, ServerError};
 use crate::store::Store;
 use crate::systemd::{self, Monitor};
 use crate::upload::{UploadStats, Uploader};
@@ -54,6 +56,10 @@ pub enum DaemonError {
     },
     #[error("storage.key_template: {0}")]
     KeyTemplate(String),
+    #[error(transparent)]
+    Lookup(#[from] ServerError),
+    #[error("look-ups: {0}")]
+    Resolver(#[from] ResolverError),
 }
 
 /// A running pipeline.
@@ -63,6 +69,8 @@ pub struct Daemon {
     pub watch_stats: Arc<WatchStats>,
     /// Whether every stage makes progress (`/healthz`, the watchdog).
     pub liveness: Arc<Liveness>,
+    /// The look-up server's addresses as bound (real ports for `:0`).
+    pub lookup_addrs: Vec<ListenAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     monitor: tokio::task::JoinHandle<()>,
@@ -163,6 +171,19 @@ impl Daemon {
             });
         }
 
+        // Look-ups: every `lookup.listen` address is bound now, after recovery and before new
+        // files are taken, so that a bad address fails the start before anything else runs.
+        let bound = match lookup_server::bind(&settings.listen).await {
+            Ok(b) => b,
+            Err(e) => {
+                cancel.cancel();
+                tracker.close();
+                tracker.wait().await;
+                return Err(e.into());
+            }
+        };
+        let lookup_addrs = bound.addrs().to_vec();
+
         // 2. The stages.
         let watch_stats = Arc::new(WatchStats::default());
         let params = WatchParams {
@@ -202,11 +223,9 @@ impl Daemon {
         ));
         tracker.close();
 
-        // 3. Listeners: every `lookup.listen` address is bound here, before READY=1, so that
-        //    systemd (and whatever is ordered after us) never sees a ready daemon that cannot
-        //    answer. A bind error must cancel the stages started above and fail the start.
-
-        // 4. Liveness, the monitor, and READY=1.
+        // 3. Liveness, and the look-up server on the sockets bound above: serving starts
+        //    before READY=1, so systemd (and whatever is ordered after us) never sees a
+        //    ready daemon that cannot answer.
         let liveness = Arc::new(Liveness::new(
             vec![
                 (health::WATCHER, watch_stats.heartbeat.clone()),
@@ -216,6 +235,44 @@ impl Daemon {
             ],
             settings.stall_allowance(),
         ));
+        let hooks = {
+            let liveness = liveness.clone();
+            Hooks {
+                health: Arc::new(move || {
+                    let h = liveness.health();
+                    match h.reason {
+                        None => Ok(()),
+                        Some(reason) => Err(format!("{}: {reason}", h.status)),
+                    }
+                }),
+                metrics: Arc::new(crate::metrics::render),
+            }
+        };
+        let served = Resolver::new(
+            &settings,
+            default_public_url(&settings, &lookup_addrs),
+            // A client of its own: the look-up thread's runtime drives its connections.
+            Some(Store::new(&settings)),
+        )
+        .map_err(DaemonError::from)
+        .and_then(|resolver| {
+            lookup_server::serve(
+                bound,
+                Arc::new(resolver),
+                &settings,
+                hooks,
+                cancel.clone(),
+                &tracker,
+            )
+            .map_err(DaemonError::from)
+        });
+        if let Err(e) = served {
+            cancel.cancel();
+            tracker.wait().await;
+            return Err(e);
+        }
+
+        // 4. The monitor, and READY=1.
         health::set_current(Some(liveness.clone()));
         info!(root = %cfg.watch.root.display(), bucket = %cfg.storage.bucket,
               endpoint = %cfg.storage.endpoint, node = %cfg.node.name, "record-offload started");
@@ -238,6 +295,7 @@ impl Daemon {
             uploader,
             watch_stats,
             liveness,
+            lookup_addrs,
             cancel,
             tracker,
             monitor,

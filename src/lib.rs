@@ -13,7 +13,7 @@
 //! - [`throttle`]: bandwidth limit and upload windows.
 //! - [`fsutil`]: file-system access confined to the watch root (no symlinks, no `..`).
 //! - [`keys`]: object keys from `storage.key_template`.
-//! - [`lookup`]: playback look-ups: legacy path parsing, URL signing.
+//! - [`lookup`]: playback look-ups: input parsing, URL signing, the resolver and its HTTP server.
 //! - [`md5pair`]: the MD5 of a part and of the whole file in one pass.
 //! - [`daemon`]: wires the stages together, recovery at start, graceful shutdown.
 //! - [`health`]: liveness of the stages (heartbeats), behind `/healthz` and the watchdog.

@@ -41,7 +41,16 @@ use crate::journal::{Queue, State};
 use crate::store::{ErrorKind, StoreError};
 
 /// Answers of the look-up server, created at zero so every series exists from the start.
-pub const LOOKUP_ANSWERS: [&str; 5] = ["uploaded", "pending", "not_found", "bad_path", "error"];
+pub const LOOKUP_ANSWERS: [&str; 8] = [
+    "uploaded",
+    "pending",
+    "elsewhere",
+    "not_found",
+    "bad_path",
+    "unauthorized",
+    "forbidden",
+    "error",
+];
 
 struct Metrics {
     registry: Registry,
@@ -54,6 +63,8 @@ struct Metrics {
     retries: IntCounterVec,
     failures: IntCounterVec,
     lookups: IntCounterVec,
+    /// `lookups` for each of [`LOOKUP_ANSWERS`], resolved once (look-ups are the hot path).
+    lookup_known: Vec<prometheus::IntCounter>,
     disk_free: IntGauge,
     disk_size: IntGauge,
     heartbeat_age: prometheus::GaugeVec,
@@ -130,9 +141,10 @@ impl Metrics {
         for st in State::ALL {
             files.with_label_values(&[st.as_str()]).set(0);
         }
-        for a in LOOKUP_ANSWERS {
-            lookups.with_label_values(&[a]);
-        }
+        let lookup_known = LOOKUP_ANSWERS
+            .iter()
+            .map(|a| lookups.with_label_values(&[a]))
+            .collect();
         registry.register(Box::new(files.clone()))?;
         registry.register(Box::new(waiting_bytes.clone()))?;
         registry.register(Box::new(oldest_waiting.clone()))?;
@@ -157,6 +169,7 @@ impl Metrics {
             retries,
             failures,
             lookups,
+            lookup_known,
             disk_free,
             disk_size,
             heartbeat_age,
@@ -207,7 +220,16 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Counts one look-up answer: `uploaded`, `pending`, `not_found`, `bad_path` or `error`
 /// (other values are accepted, after [`label`] cleans them).
 pub fn lookup(answer: &str) {
-    with(|m| m.lookups.with_label_values(&[&label(answer)]).inc());
+    with(|m| {
+        match LOOKUP_ANSWERS
+            .iter()
+            .position(|a| *a == answer)
+            .and_then(|i| m.lookup_known.get(i))
+        {
+            Some(c) => c.inc(),
+            None => m.lookups.with_label_values(&[&label(answer)]).inc(),
+        }
+    });
 }
 
 /// A file stored and checked: its size and how long it took.

@@ -87,6 +87,8 @@ bucket = "{BUCKET}"
 access_key_id = "{ak}"
 access_key_secret = "{sk}"
 path_style = true
+[lookup]
+listen = ["127.0.0.1:0"]
 [upload]
 part_size_mib = {PART_MIB}
 concurrency = {CONCURRENCY}

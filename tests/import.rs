@@ -44,6 +44,8 @@ path_style = true
 retry_initial_secs = 0.05
 retry_max_secs = 0.5
 drain_secs = 1
+[lookup]
+listen = ["127.0.0.1:0"]
 "#,
             root = env.root.display().to_string(),
             journal = env.journal_path.display().to_string(),

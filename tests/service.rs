@@ -41,6 +41,8 @@ path_style = true
 retry_initial_secs = 0.05
 retry_max_secs = 0.5
 drain_secs = 1
+[lookup]
+listen = ["127.0.0.1:0"]
 {extra}
 "#,
             root = env.root.display().to_string(),
@@ -207,10 +209,30 @@ async fn notify_ready_status_watchdog_stopping_in_order() {
     let sock = env.dir.path().join("notify.sock");
     let notes = Notes::listen(&sock);
     let log = env.dir.path().join("daemon.log");
+    let lookup = env.dir.path().join("lookup.sock");
+    let listen = format!("[\"unix:{}\"]", lookup.display());
     // Pings every 100 ms.
-    let mut child = spawn(&cfg, &sock, &[("WATCHDOG_USEC", "200000")], &log);
+    let mut child = spawn(
+        &cfg,
+        &sock,
+        &[
+            ("WATCHDOG_USEC", "200000"),
+            ("RECORD_OFFLOAD_LOOKUP__LISTEN", listen.as_str()),
+        ],
+        &log,
+    );
 
     let ready = notes.wait_for("READY=1", |l| l == "READY=1").await;
+    // Every listener answers by the time READY=1 is sent.
+    let mut s = std::os::unix::net::UnixStream::connect(&lookup).expect("look-up socket bound");
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let lines = notes.lines();
     assert_eq!(
         lines

@@ -250,6 +250,11 @@ impl Journal {
         self.write(Durability::Normal, |_| Ok(())).await
     }
 
+    /// False once the writer thread has stopped (nothing can be committed any more).
+    pub fn is_running(&self) -> bool {
+        !self.inner.tx.is_closed()
+    }
+
     /// Runs `f` in the writer thread inside a transaction and returns its result once the
     /// transaction is committed. An error from `f` rolls back only `f`'s changes.
     pub async fn write<T, F>(&self, durability: Durability, f: F) -> Result<T, JournalError>

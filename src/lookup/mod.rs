@@ -3,7 +3,19 @@
 //!
 //! - [`legacy`] reads look-up input into a path relative to `watch.root` and refuses anything
 //!   that would leave it.
-//! - [`sign`] builds presigned GET URLs for the stored object (OSS V1, OSS V4, CDN type A) and
-//!   the expiry rounding that keeps those URLs stable long enough to be cached.
+//! - [`sign`] builds presigned GET URLs for the stored object (SigV4, OSS V1, OSS V4, CDN
+//!   type A) and the expiry rounding that keeps those URLs stable long enough to be cached;
+//!   [`signer`] holds the configured style and signs object keys with it.
+//! - [`resolve`] decides the answer for one input (stored → signed URL, only local → this
+//!   agent's URL, another node's → that node, else not found); the HTTP server and
+//!   `record-offload resolve` share it.
+//! - [`auth`] checks who may ask: the `lookup.allow` networks and signed requests.
+//! - [`range`] reads `Range` headers for local files.
+//! - [`server`] is the HTTP server on every `lookup.listen` address: limits, routes, answers.
+pub mod auth;
 pub mod legacy;
+pub mod range;
+pub mod resolve;
+pub mod server;
 pub mod sign;
+pub mod signer;

@@ -62,6 +62,8 @@ impl Env {
         c.upload.retry_max_secs = 0.5;
         c.upload.request_timeout_secs = 10.0;
         c.upload.drain_secs = 2.0;
+        // Tests run in parallel: never a fixed port.
+        c.lookup.listen = vec!["127.0.0.1:0".to_string()];
         edit(&mut c);
         config::validate(c).unwrap()
     }
