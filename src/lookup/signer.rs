@@ -15,7 +15,9 @@
 //! `lookup.cdn_validity_secs` (what the CDN domain is configured with).
 
 use crate::config::{PresignStyle, Settings};
-use crate::lookup::sign::{self, Expiry, SignError, SignInput};
+use std::sync::{Arc, Mutex};
+
+use crate::lookup::sign::{self, Expiry, SignError, SignInput, V4Window};
 
 /// A presigned URL and when it stops working.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,8 @@ pub struct Signer {
     round_secs: Option<u64>,
     cdn_key: String,
     cdn_validity_secs: u64,
+    /// The current window's shared part of V4 signatures (`s3v4`, `oss-v4`).
+    window: Arc<Mutex<Option<Arc<V4Window>>>>,
 }
 
 impl Signer {
@@ -85,6 +89,7 @@ impl Signer {
             round_secs: lk.presign_round_secs,
             cdn_key: lk.cdn_auth_key.clone(),
             cdn_validity_secs: lk.cdn_validity_secs,
+            window: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -123,8 +128,24 @@ impl Signer {
             expiry,
         };
         let url = match self.style {
-            PresignStyle::S3v4 => sign::presign_s3v4(&input)?,
-            PresignStyle::OssV4 => sign::presign_oss_v4(&input)?,
+            PresignStyle::S3v4 | PresignStyle::OssV4 => {
+                let cached = self
+                    .window
+                    .lock()
+                    .ok()
+                    .and_then(|w| w.as_ref().filter(|w| w.expiry == expiry).cloned());
+                let window = match cached {
+                    Some(w) => w,
+                    None => {
+                        let w = Arc::new(V4Window::new(&input, self.style == PresignStyle::OssV4)?);
+                        if let Ok(mut slot) = self.window.lock() {
+                            *slot = Some(w.clone());
+                        }
+                        w
+                    }
+                };
+                window.sign(key)?
+            }
             PresignStyle::OssV1 => sign::presign_oss_v1(&input)?,
             PresignStyle::CdnA => return Err(SignError::Missing("cdn-a handled above")),
         };
