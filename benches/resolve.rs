@@ -5,6 +5,8 @@
 //!     python3 bench/lookup.py --dir /tmp/lb        # once: 1,000,000 stored rows
 //!     cargo bench --bench resolve -- /tmp/lb
 
+#![allow(clippy::unwrap_used)]
+
 use record_offload::config::{self, Source};
 use record_offload::lookup::resolve::Resolver;
 use record_offload::lookup::signer::Signer;
