@@ -1,5 +1,5 @@
 //! CPU cost of one look-up without HTTP: `Resolver::resolve` (journal read and URL signing)
-//! and the signer alone, on the journal `bench/lookup.py --dir DIR` leaves behind. Prints the
+//! the signer alone, and the bare SQLite read, on the journal `bench/lookup.py --dir DIR` leaves behind. Prints the
 //! median over runs of the thread's CPU time per call.
 //!
 //!     python3 bench/lookup.py --dir /tmp/lb        # once: 1,000,000 stored rows
@@ -75,6 +75,7 @@ fn main() {
         .build()
         .unwrap();
     let now = 1_790_000_000;
+    sqlite_only(&dir, rows);
     per_call("sign", 5, 100_000, |x| {
         let key = format!("rec-01/{}", rel_path(x % rows));
         std::hint::black_box(signer.sign(&key, now).unwrap());
@@ -87,4 +88,37 @@ fn main() {
         let a = rt.block_on(resolver.resolve(p.as_bytes(), None)).unwrap();
         std::hint::black_box(a.to_json(None));
     });
+}
+
+/// The journal read alone: a statement per look-up as the server runs it, and the same inside
+/// one long read transaction (what keeping a snapshot open across look-ups would save).
+fn sqlite_only(dir: &std::path::Path, rows: u64) {
+    let conn = record_offload::journal::open_ro(&dir.join("journal.db")).unwrap();
+    let _ = conn.pragma_update(None, "mmap_size", 1i64 << 30);
+    for txn in [false, true] {
+        if txn {
+            conn.execute_batch("BEGIN").unwrap();
+        }
+        per_call(
+            if txn {
+                "sqlite row, open txn"
+            } else {
+                "sqlite row"
+            },
+            5,
+            50_000,
+            |x| {
+                let p = rel_path(x % rows);
+                let mut st = conn
+                    .prepare_cached(
+                        "SELECT state, key, size, md5, bytes_sent FROM files WHERE path = ?1",
+                    )
+                    .unwrap();
+                let r: (String, String, i64) = st
+                    .query_row([p.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .unwrap();
+                std::hint::black_box(r);
+            },
+        );
+    }
 }
