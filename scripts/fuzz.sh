@@ -34,6 +34,11 @@ for t in $targets; do
         -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e
+    # With -jobs, libFuzzer writes the worker's own output to fuzz-0.log in the current directory.
+    if [ -f fuzz-0.log ]; then
+        cat fuzz-0.log >>"$log"
+        rm -f fuzz-0.log
+    fi
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
     rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
     corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
