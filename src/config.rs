@@ -6,6 +6,7 @@
 //! `check-config` and `run` can print one clear line and exit non-zero.
 
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -512,12 +513,35 @@ fn from_figment(err: figment::Error) -> ConfigError {
                 ),
             );
         }
-        other => other.to_string(),
+        other => one_line(&other.to_string()),
     };
     if !origin.is_empty() {
         message = format!("{message} (in {origin})");
     }
     ConfigError::new(key, message)
+}
+
+/// A TOML parse error is several lines: the position, a snippet of the offending line, a caret,
+/// and what is wrong. Errors are one line on stderr, and the snippet could show a secret (an
+/// unterminated `access_key_secret = "…`), so only the position and the reason are kept.
+fn one_line(message: &str) -> String {
+    let is_snippet = |l: &str| {
+        let t = l.trim_start();
+        t.is_empty()
+            || t.starts_with('|')
+            || t.split_once('|').is_some_and(|(n, _)| {
+                !n.trim().is_empty() && n.trim().bytes().all(|b| b.is_ascii_digit())
+            })
+            || t.bytes().all(|b| b == b'^' || b == b' ')
+    };
+    let mut lines = message.lines();
+    let mut out = lines.next().unwrap_or_default().trim_end().to_string();
+    for line in lines.filter(|l| !is_snippet(l)) {
+        out.push_str(if out.ends_with(':') { " " } else { ": " });
+        out.push_str(line.trim());
+    }
+    out.retain(|c| c != '\r');
+    out
 }
 
 fn glob_set(key: &str, patterns: &[String]) -> Result<GlobSet, ConfigError> {
@@ -551,6 +575,20 @@ fn check_secs(key: &str, v: f64, min: f64, max: f64) -> Result<(), ConfigError> 
     Ok(())
 }
 
+const NODE_NAME_RULE: &str =
+    "must be 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.', and not '.' or '..'";
+
+/// A node name is part of object keys (`{node}`): it must not be a path segment of its own.
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
 /// Parses a `lookup.listen` entry.
 pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     if let Some(path) = s.strip_prefix("unix:") {
@@ -568,15 +606,10 @@ pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
 pub fn validate(config: Config) -> Result<Settings, ConfigError> {
     // node
     let name = &config.node.name;
-    if name.is_empty()
-        || name.len() > 128
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
+    if !valid_node_name(name) {
         return Err(ConfigError::new(
             "node.name",
-            format!("must be 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.', got {name:?}"),
+            format!("{NODE_NAME_RULE}, got {name:?}"),
         ));
     }
 
@@ -693,6 +726,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
     }
     let secret = read_secret(st)?;
     crate::keys::KeyTemplate::parse(&st.key_template)
+        .and_then(|t| t.check_node(name))
         .map_err(|e| ConfigError::new("storage.key_template", e))?;
 
     // upload
@@ -923,19 +957,10 @@ fn validate_lookup_extras(config: &Config) -> Result<(), ConfigError> {
     let mut seen_names = std::collections::HashSet::new();
     for (i, n) in config.nodes.iter().enumerate() {
         let key = format!("nodes[{i}]");
-        if n.name.is_empty()
-            || n.name.len() > 128
-            || !n
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
+        if !valid_node_name(&n.name) {
             return Err(ConfigError::new(
                 format!("{key}.name"),
-                format!(
-                    "must be 1-128 characters of a-z, A-Z, 0-9, '-', '_', '.', got {:?}",
-                    n.name
-                ),
+                format!("{NODE_NAME_RULE}, got {:?}", n.name),
             ));
         }
         if !seen_names.insert(n.name.as_str()) {
@@ -1041,6 +1066,9 @@ fn writable(path: &Path) -> std::io::Result<()> {
     rustix::fs::access(path, rustix::fs::Access::WRITE_OK).map_err(std::io::Error::from)
 }
 
+/// The largest secret file read (a secret is a line; this is generous).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
 /// Name of the systemd credential (`LoadCredential=access_key_secret:...`).
 pub const CREDENTIAL_NAME: &str = "access_key_secret";
 
@@ -1071,6 +1099,23 @@ fn read_secret(st: &StorageConfig) -> Result<String, ConfigError> {
     };
     let meta = std::fs::metadata(&path)
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    // A device, a FIFO or /proc/kcore would block or exhaust memory; a secret is a small file.
+    if !meta.is_file() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    if meta.len() > MAX_SECRET_FILE_BYTES {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} is {} bytes; a secret file has at most {MAX_SECRET_FILE_BYTES}",
+                path.display(),
+                meta.len()
+            ),
+        ));
+    }
     if meta.permissions().mode() & 0o007 != 0 {
         return Err(ConfigError::new(
             key,
@@ -1082,7 +1127,9 @@ fn read_secret(st: &StorageConfig) -> Result<String, ConfigError> {
         ));
     }
     let _ = meta.uid();
-    let text = std::fs::read_to_string(&path)
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_SECRET_FILE_BYTES).read_to_string(&mut text))
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
     let secret = text.trim().to_string();
     if secret.is_empty() {
@@ -1210,6 +1257,21 @@ mod tests {
                     "",
                 ),
                 "storage.key_template",
+            ),
+            (
+                with(
+                    r,
+                    &j,
+                    "",
+                    &format!("{creds}\nkey_template = \"{{node}}/../{{path}}\""),
+                    "",
+                ),
+                "storage.key_template",
+            ),
+            (ok("[node]\nname = \"..\""), "node.name"),
+            (
+                ok("[[nodes]]\nname = \".\"\nlookup_url = \"http://h\""),
+                "nodes[0].name",
             ),
             (
                 with(r, &j, "", &format!("{creds}\nendpoint = \"ftp://x\""), ""),
@@ -1390,5 +1452,61 @@ mod tests {
         assert_eq!(err_of(&toml).key, "storage.access_key_secret_file");
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(from_toml_str(&toml).unwrap().secret, "abc");
+    }
+
+    #[test]
+    fn secret_file_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = |p: &Path| {
+            base(dir.path(), &dir.path().join("j.db")).replace(
+                "access_key_secret = \"s\"",
+                &format!("access_key_secret_file = {:?}", p.display().to_string()),
+            )
+        };
+        // A directory, a FIFO (reading it would block), and an oversized file.
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; 65 * 1024]).unwrap();
+        std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for p in [&fifo, &sub, &big] {
+            let e = err_of(&toml(p));
+            assert_eq!(
+                e.key,
+                "storage.access_key_secret_file",
+                "{}: {e}",
+                p.display()
+            );
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_one_line_without_the_offending_text() {
+        let dir = tempfile::tempdir().unwrap();
+        // An unterminated string: the parser's message quotes the line it stopped on.
+        let toml = base(dir.path(), &dir.path().join("j.db")).replace(
+            "access_key_secret = \"s\"",
+            "access_key_secret = \"Sup3r-Secret-Value\n",
+        );
+        let e = err_of(&toml).to_string();
+        assert!(!e.contains('\n'), "{e:?}");
+        assert!(!e.contains("Sup3r"), "{e:?}");
+        assert!(e.contains("line 8"), "{e:?}");
+        assert_eq!(
+            one_line(
+                "TOML parse error at line 2, column 13\n  |\n2 | root = \"/tmp\n  |             ^\ninvalid basic string\n"
+            ),
+            "TOML parse error at line 2, column 13: invalid basic string"
+        );
     }
 }

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
@@ -84,21 +84,25 @@ pub struct Root {
     fd: OwnedFd,
 }
 
-/// Why a path relative to the root was refused before touching the file system.
+/// Why a path relative to the root was refused before touching the file system. The bytes are
+/// checked as they are, not as [`Path::components`] normalises them (it drops `.` and empty
+/// segments): the same path names the journal row and the object key, so `a/./b` or `a//b`
+/// must not pass as `a/b`.
 pub fn check_rel(rel: &Path) -> io::Result<()> {
-    if rel.as_os_str().is_empty() {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = rel.as_os_str().as_bytes();
+    if bytes.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
     }
-    for c in rel.components() {
-        match c {
-            Component::Normal(_) => {}
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("path {:?} is not a plain relative path", rel),
-                ));
-            }
-        }
+    let plain = !bytes.contains(&0)
+        && bytes
+            .split(|&b| b == b'/')
+            .all(|seg| !seg.is_empty() && seg != b"." && seg != b"..");
+    if !plain {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("path {:?} is not a plain relative path", rel),
+        ));
     }
     Ok(())
 }
@@ -270,6 +274,12 @@ mod tests {
         assert!(root.open_file(Path::new("d/../d/f")).is_err());
         assert!(root.open_file(Path::new("/etc/passwd")).is_err());
         assert!(root.open_file(Path::new("d")).is_err());
+        // Spellings that `Path::components` would normalise to `d/f` are refused as well, so
+        // a path never names one file on disk and another in the journal or the bucket.
+        for odd in ["d/./f", "./d/f", "d//f", "d/f/", "d/f/."] {
+            assert!(root.open_file(Path::new(odd)).is_err(), "{odd}");
+            assert!(check_rel(Path::new(odd)).is_err(), "{odd}");
+        }
         assert_eq!(root.stat(Path::new("d/flink")).unwrap().0, Kind::Symlink);
         // A symlink is never removed as if it were the file.
         let (_, sid) = root.stat(Path::new("d/flink")).unwrap();

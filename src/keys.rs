@@ -5,6 +5,11 @@
 //! deterministic: the same file always maps to the same key, so a restart or a retry overwrites
 //! rather than duplicates.
 //!
+//! A rendered key never starts with `/` and never has a `.` or `..` segment (between slashes):
+//! some stores and every file-system-backed one would resolve those, so a key could name an
+//! object outside this node's prefix. Configuration refuses templates and node names that could
+//! produce one ([`KeyTemplate::check_node`]), and [`KeyTemplate::render`] refuses them again.
+//!
 //! Object keys must be UTF-8. A file name that is not valid UTF-8 keeps its valid parts and
 //! writes each byte of an invalid sequence as `%XX` (upper-case hex); the journal stores the
 //! key, so look-ups find the object by the file's real path.
@@ -95,7 +100,21 @@ impl KeyTemplate {
                 key.len()
             ));
         }
+        check_key(&key)?;
         Ok(key)
+    }
+
+    /// Checks that this template renders safe keys for `node` (a valid `node.name`: no `/`).
+    /// Every segment that holds part of `{path}` is safe whatever the path, since a path
+    /// component is never empty, `.` or `..`; so one sample path shows whether the literal text
+    /// and the node name can form a `.` or `..` segment.
+    pub fn check_node(&self, node: &str) -> Result<(), String> {
+        if node.is_empty() || node.contains('/') || node == "." || node == ".." {
+            return Err(format!(
+                "node name {node:?} cannot be part of an object key"
+            ));
+        }
+        self.render(node, Path::new("x")).map(|_| ())
     }
 
     /// The literal text before `{path}` with `{node}` filled in: every key of this node starts
@@ -121,6 +140,19 @@ fn push_path(key: &mut String, rel: &Path) {
             let _ = write!(key, "%{b:02X}");
         }
     }
+}
+
+/// A key must not start with `/` nor have a `.` or `..` segment.
+fn check_key(key: &str) -> Result<(), String> {
+    if key.starts_with('/') {
+        return Err(format!("object key {key:?} would start with '/'"));
+    }
+    if key.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(format!(
+            "object key {key:?} would have a '.' or '..' segment"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,6 +193,39 @@ mod tests {
         ] {
             assert!(KeyTemplate::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn never_renders_dot_segments_or_a_leading_slash() {
+        // These templates parse, and with them (or with a node named `..`) keys had `.` or `..`
+        // segments: a key could climb out of the node's prefix. The key_template fuzz target
+        // checks the same property for any template, node and path.
+        for template in [
+            "../{path}",
+            "a/./{path}",
+            "{path}/..",
+            "{node}/../{path}",
+            ".{node}/{path}",
+        ] {
+            let t = KeyTemplate::parse(template).unwrap();
+            assert!(
+                t.check_node("n").is_err() || template == ".{node}/{path}",
+                "{template}"
+            );
+        }
+        let t = KeyTemplate::parse(".{node}/{path}").unwrap();
+        assert!(t.check_node(".").is_err());
+        assert!(t.render(".", Path::new("a")).is_err());
+        let t = KeyTemplate::parse("{node}/{path}").unwrap();
+        for node in ["..", ".", "", "a/b"] {
+            assert!(t.check_node(node).is_err(), "{node:?}");
+        }
+        assert!(t.render("..", Path::new("a.mp4")).is_err());
+        assert!(t.check_node("rec-01").is_ok());
+        // Dots inside a segment are fine, and so are file names made of three dots.
+        assert_eq!(t.render("n", Path::new("...")).unwrap(), "n/...");
+        let t = KeyTemplate::parse("{node}..{path}").unwrap();
+        assert_eq!(t.render("n", Path::new("a")).unwrap(), "n..a");
     }
 
     #[test]

@@ -518,6 +518,15 @@ async fn bad_input_never_reads_outside_the_root() {
         .unwrap();
     std::os::unix::fs::symlink(env.dir.path(), env.root.join("dirlink")).unwrap();
     env.write("ok.mp4", b"fine");
+    // A FIFO named like a recording: opening it for reading would block the server.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        env.root.join("pipe.mp4"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
     let d = env
         .start(env.config(|c| c.watch.settle_secs = 3600.0))
         .await;
@@ -544,6 +553,7 @@ async fn bad_input_never_reads_outside_the_root() {
         (b"/record/dirlink/secret.mp4".to_vec(), &[404]),
         (b"/record/dirlink/secret.txt".to_vec(), &[404]),
         (b"/etc/passwd".to_vec(), &[404]),
+        (b"/record/pipe.mp4".to_vec(), &[404]),
         (b"/record".to_vec(), &[400]),
         (b"/record/".to_vec(), &[400]),
         (long.clone().into_bytes(), &[414]),
@@ -551,7 +561,40 @@ async fn bad_input_never_reads_outside_the_root() {
         // Bytes hyper itself refuses in a request line.
         (b"/record/a\x00b".to_vec(), &[400]),
         (b"/record/\xff.mp4".to_vec(), &[400, 404]),
+        // Every other spelling of a way out: encoded separators around `..`, backslashes
+        // (plain, encoded, doubly encoded), overlong and look-alike encodings of `.` and `/`,
+        // absolute paths inside the prefix, and absolute-form request targets.
+        (b"/record/%2F..%2Fsecret.txt".to_vec(), &[400]),
+        (b"/record/%2e%2e%2fsecret.txt".to_vec(), &[400]),
+        (b"/record/%2e./secret.txt".to_vec(), &[400]),
+        (b"/record/a/%2E%2E/%2E%2E/secret.txt".to_vec(), &[400]),
+        (b"/record/%252e%252e%252fsecret.txt".to_vec(), &[404]),
+        (b"/record/..\\secret.txt".to_vec(), &[400, 404]),
+        (b"/record/..\\..\\secret.txt".to_vec(), &[400, 404]),
+        (b"/record/%5c..%5csecret.txt".to_vec(), &[404]),
+        (b"/record/%255c..%255csecret.txt".to_vec(), &[404]),
+        (b"/record/%c0%ae%c0%ae%c0%afsecret.txt".to_vec(), &[404]),
+        (b"/record/%e0%80%ae%e0%80%ae/secret.txt".to_vec(), &[404]),
+        (b"/record/%ef%bc%8e%ef%bc%8e/secret.txt".to_vec(), &[404]),
+        (b"/record/....//secret.txt".to_vec(), &[404]),
+        (b"/record/secret.txt%00.mp4".to_vec(), &[400]),
+        (b"/record//etc/passwd".to_vec(), &[404]),
+        (b"/record/%2Fetc%2Fpasswd".to_vec(), &[404]),
+        (b"/record/%2F%2Fetc/passwd".to_vec(), &[404]),
+        (b"/..%2Fetc/passwd".to_vec(), &[400]),
+        (b"http://127.0.0.1/record/../secret.txt".to_vec(), &[400]),
+        (
+            b"http://127.0.0.1/record/%2e%2e/secret.txt".to_vec(),
+            &[400],
+        ),
+        (b"http://127.0.0.1/etc/passwd".to_vec(), &[404]),
     ];
+    let passwd = std::fs::read("/etc/passwd").unwrap_or_default();
+    let passwd_line = passwd
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default()
+        .to_vec();
     for (target, want) in &cases {
         for method in ["GET", "HEAD"] {
             let r = raw(addr, method, target, "").await;
@@ -563,6 +606,10 @@ async fn bad_input_never_reads_outside_the_root() {
                 String::from_utf8_lossy(&r.body)
             );
             assert!(!r.body.windows(secret.len()).any(|w| w == secret));
+            assert!(
+                passwd_line.is_empty()
+                    || !r.body.windows(passwd_line.len()).any(|w| w == passwd_line)
+            );
             if method == "GET" && r.header("content-type") == Some("application/json") {
                 let e = r.json()["error"].as_str().unwrap().to_string();
                 assert!(["bad_path", "not_found"].contains(&e.as_str()), "{e}");
@@ -586,6 +633,24 @@ async fn bad_input_never_reads_outside_the_root() {
         );
         assert!(!r.body.windows(secret.len()).any(|w| w == secret));
     }
+    // A directory the daemon has served from, swapped for a symlink to the outside: the
+    // same URL now finds nothing, through either route.
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("x.mp4"), secret).unwrap();
+    env.write("sw/x.mp4", b"inside");
+    let r = raw(addr, "GET", b"/record/sw/x.mp4", "").await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"inside"[..]));
+    std::fs::rename(env.root.join("sw"), env.root.join("sw.moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, env.root.join("sw")).unwrap();
+    for method in ["GET", "HEAD"] {
+        let r = raw(addr, method, b"/record/sw/x.mp4", "").await;
+        assert_eq!(r.status, 404, "{method} through a swapped-in symlink");
+        assert!(!r.body.windows(secret.len()).any(|w| w == secret));
+    }
+    let r = resolve(addr, "/record/sw/x.mp4").await;
+    assert_eq!(r.status, 404);
+    assert!(!r.body.windows(secret.len()).any(|w| w == secret));
     // The daemon is still well after all that, and serves what it should.
     let r = raw(addr, "GET", b"/record/ok.mp4", "").await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"fine"[..]));

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::harness::*;
+use common::proxy::{Fault, FaultProxy};
 use record_offload::journal::State;
 
 const T: Duration = Duration::from_secs(20);
@@ -173,6 +174,98 @@ async fn excluded_and_symlinked_files_are_never_uploaded() {
     assert_eq!(keys, vec!["node1/d/real.mp4", "node1/final.mp4"]);
     d.shutdown();
     d.wait().await;
+}
+
+/// A directory holding a settled file is swapped for a symlink to the outside while the file
+/// waits for the store, and the outside has a file of the same name. Nothing outside the root is uploaded, journaled or deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_swapped_for_a_symlink_is_never_followed() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    let d = env
+        .start(env.config_at(&format!("http://{}", proxy.addr()), |c| {
+            c.upload.request_timeout_secs = 10.0;
+        }))
+        .await;
+    proxy.set(Fault::Down);
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let secret = b"OUTSIDE-THE-ROOT: never upload or delete".to_vec();
+    for name in ["x.mp4", "y.mp4"] {
+        std::fs::write(outside.join(name), &secret).unwrap();
+    }
+
+    // A FIFO with a recording's name: never opened for reading (that would block), never taken.
+    mkfifo(&env.root.join("pipe.mp4"));
+
+    // 1. Settled and queued while the store is down; then the swap; then the store returns.
+    env.write("q/x.mp4", b"inside q");
+    wait_until("q/x.mp4 journaled", T, || {
+        env.row("q/x.mp4")
+            .is_some_and(|r| matches!(r.state, State::Queued | State::Uploading))
+    })
+    .await;
+    std::fs::rename(env.root.join("q"), env.root.join("q.moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, env.root.join("q")).unwrap();
+
+    proxy.set(Fault::None);
+
+    // Both rows settle somewhere final; the renamed directories are new files of their own.
+    wait_until("q/x.mp4 finished", T, || {
+        env.row("q/x.mp4")
+            .is_some_and(|r| !matches!(r.state, State::Queued | State::Uploading))
+    })
+    .await;
+    env.wait_state("q.moved/x.mp4", State::Deleted, T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Outside: untouched.
+    for name in ["x.mp4", "y.mp4"] {
+        assert_eq!(std::fs::read(outside.join(name)).unwrap(), secret, "{name}");
+    }
+    // In the bucket: only what was inside the root, never the outside bytes.
+    if let Some(got) = env.get(&env.key("q/x.mp4")).await {
+        assert_eq!(got, b"inside q");
+    }
+    assert_eq!(
+        env.get(&env.key("q.moved/x.mp4")).await.as_deref(),
+        Some(&b"inside q"[..])
+    );
+    // In the journal: nothing recorded the outside file's size or hash.
+    for row in env.rows() {
+        assert!(
+            row.md5.as_deref() != Some(md5_hex(&secret).as_str()),
+            "{row:?}"
+        );
+    }
+    assert!(
+        env.row("pipe.mp4")
+            .is_none_or(|r| !matches!(r.state, State::Uploaded | State::Deleted)),
+        "{:?}",
+        env.row("pipe.mp4")
+    );
+    assert!(env.get(&env.key("pipe.mp4")).await.is_none());
+    assert!(env.root.join("pipe.mp4").exists());
+    // The symlinks are left as they are.
+    assert!(
+        std::fs::symlink_metadata(env.root.join("q"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    d.shutdown();
+    d.wait().await;
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
