@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
@@ -77,11 +78,13 @@ fn kind_of(st: &rustix::fs::Stat) -> Kind {
     }
 }
 
-/// The watch root, held open.
+/// The watch root, held open. If the directory at the root's path is replaced (removed and
+/// created again), the next operation opens the new one: files written into the new root must
+/// not be taken for gone.
 #[derive(Debug)]
 pub struct Root {
     path: PathBuf,
-    fd: OwnedFd,
+    fd: RwLock<OwnedFd>,
 }
 
 /// Why a path relative to the root was refused before touching the file system. The bytes are
@@ -118,8 +121,32 @@ impl Root {
         )?;
         Ok(Root {
             path: path.to_path_buf(),
-            fd,
+            fd: RwLock::new(fd),
         })
+    }
+
+    /// A descriptor of the current root directory: the one held, or, when the path now names
+    /// another directory, that one (which is then held instead).
+    fn current_fd(&self) -> io::Result<OwnedFd> {
+        {
+            let fd = self.fd.read().unwrap_or_else(|p| p.into_inner());
+            if same_dir(&fd, &self.path) != Some(false) {
+                return Ok(rustix::io::dup(&*fd)?);
+            }
+        }
+        let mut fd = self.fd.write().unwrap_or_else(|p| p.into_inner());
+        if same_dir(&fd, &self.path) == Some(false)
+            && let Ok(new) = rustix::fs::open(
+                &self.path,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        {
+            tracing::warn!(root = %self.path.display(),
+                "the watch root was replaced by another directory; using the new one");
+            *fd = new;
+        }
+        Ok(rustix::io::dup(&*fd)?)
     }
 
     pub fn path(&self) -> &Path {
@@ -133,7 +160,7 @@ impl Root {
         let Some(name) = comps.pop() else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
         };
-        let mut dir = rustix::io::dup(&self.fd)?;
+        let mut dir = self.current_fd()?;
         for c in comps {
             dir = rustix::fs::openat(
                 &dir,
@@ -222,14 +249,20 @@ impl Root {
     /// Whether the root itself is still the directory that was opened (it may have been
     /// removed and re-created under the same name).
     pub fn still_current(&self) -> bool {
-        let Ok(a) = rustix::fs::fstat(self.fd.as_fd()) else {
-            return false;
-        };
-        let Ok(b) = rustix::fs::stat(&self.path) else {
-            return false;
-        };
-        a.st_dev == b.st_dev && a.st_ino == b.st_ino
+        let fd = self.fd.read().unwrap_or_else(|p| p.into_inner());
+        same_dir(&fd, &self.path) == Some(true)
     }
+}
+
+/// Whether `path` names the directory `fd` holds; `None` when `path` is not a directory now
+/// (removed, not created again yet) or either cannot be read.
+fn same_dir(fd: &OwnedFd, path: &Path) -> Option<bool> {
+    let a = rustix::fs::fstat(fd.as_fd()).ok()?;
+    let b = rustix::fs::stat(path).ok()?;
+    if kind_of(&b) != Kind::Dir {
+        return None;
+    }
+    Some(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +321,31 @@ mod tests {
             UnlinkOutcome::Changed(_)
         ));
         assert!(outside.path().join("secret").exists());
+    }
+
+    #[test]
+    fn a_replaced_root_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root");
+        std::fs::create_dir(&path).unwrap();
+        let root = Root::open(&path).unwrap();
+        assert!(root.still_current());
+        std::fs::remove_dir(&path).unwrap();
+        assert!(!root.still_current());
+        assert_eq!(
+            root.open_file(Path::new("f")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        std::fs::create_dir(&path).unwrap();
+        std::fs::create_dir(path.join("d")).unwrap();
+        std::fs::write(path.join("d/f"), b"new root").unwrap();
+        let (_, id) = root.open_file(Path::new("d/f")).unwrap();
+        assert_eq!(id.size, 8);
+        assert!(root.still_current());
+        assert_eq!(
+            root.unlink_if_same(Path::new("d/f"), &id).unwrap(),
+            UnlinkOutcome::Removed
+        );
     }
 
     #[test]

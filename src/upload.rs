@@ -410,7 +410,8 @@ impl Uploader {
         info!(
             "file changed while it was being uploaded; it will be uploaded again once it settles"
         );
-        self.abort_recorded_upload(row).await;
+        self.abort_recorded_upload(&self.with_current_upload(row).await)
+            .await;
         let (id, generation) = (row.id, row.generation);
         self.journal
             .write(Durability::Normal, move |c| {
@@ -424,7 +425,8 @@ impl Uploader {
 
     async fn mark_vanished(&self, row: &FileRow) -> Result<(), JournalError> {
         info!("file disappeared before it was stored");
-        self.abort_recorded_upload(row).await;
+        self.abort_recorded_upload(&self.with_current_upload(row).await)
+            .await;
         let (id, generation) = (row.id, row.generation);
         self.journal
             .write(Durability::Normal, move |c| {
@@ -442,6 +444,26 @@ impl Uploader {
         {
             warn!(error = %e, "cannot abort the multipart upload");
         }
+    }
+
+    /// `row` with the upload id the journal holds now for this generation: `row` is what the
+    /// attempt started with, and an upload the attempt created is recorded only in the
+    /// journal. Without this, a file that changed or vanished during its first attempt left
+    /// its multipart upload open in the bucket.
+    async fn with_current_upload(&self, row: &FileRow) -> FileRow {
+        let id = row.id;
+        let mut out = row.clone();
+        match self.journal.read(move |c| journal::get(c, id)).await {
+            Ok(Some(now))
+                if now.generation == row.generation
+                    && now.upload_generation == Some(row.generation) =>
+            {
+                out.upload_id = now.upload_id;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read the row's upload id"),
+        }
+        out
     }
 
     /// Sleeps for the next backoff delay unless cancelled; records the error on the row.

@@ -1,6 +1,11 @@
 //! Kill the real binary at random moments, restart it on the same journal, and check that
 //! nothing is lost, nothing is deleted early, no multipart upload is left open, and each kill
 //! costs at most the parts that were in flight.
+//!
+//! `CRASH_KILLS` (default 20) and `CRASH_BATCH` (files kept waiting on disk, default 3) make it
+//! longer; `scripts/soak.sh` runs it with hundreds of kills on the release binary. It prints
+//! lost / corrupted / deleted-unverified files, open multipart uploads, bytes re-sent per kill
+//! and the daemon's resident memory, then asserts them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -15,6 +20,7 @@ use common::proxy::{Fault, FaultProxy};
 use rand::{Rng, SeedableRng};
 
 const KILLS: usize = 20;
+const BATCH: usize = 3;
 const PART_MIB: u64 = 5;
 const CONCURRENCY: u64 = 3;
 
@@ -59,8 +65,32 @@ fn spawn(cfg: &std::path::Path, failpoints: &str, log: &std::path::Path) -> Daem
         .unwrap()
 }
 
+fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// The process's resident set (VmRSS) in KiB, if it is still there.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_moments_loses_nothing() {
+    let kills_wanted = env_usize("CRASH_KILLS", KILLS);
+    let batch = env_usize("CRASH_BATCH", BATCH).max(1);
     let env = Env::new().await;
     let proxy = FaultProxy::start(env.server.addr).await.unwrap();
     // Slow enough that kills land while parts are on the wire.
@@ -125,7 +155,7 @@ drain_secs = 1
         files.insert(rel, data);
         next += 1;
     };
-    for _ in 0..4 {
+    for _ in 0..(batch + 1) {
         add_file(&mut files, &mut rng);
     }
 
@@ -140,22 +170,31 @@ drain_secs = 1
         "after-unlink:0.7",
         "after-create:0.7",
     ];
-    let check_nothing_deleted_early = |files: &BTreeMap<String, Vec<u8>>| {
+    // Files found gone from disk without a complete object behind them.
+    let mut deleted_unverified: BTreeMap<String, String> = BTreeMap::new();
+    let mut checked_gone: std::collections::HashSet<String> = Default::default();
+    let mut check_nothing_deleted_early = |files: &BTreeMap<String, Vec<u8>>| {
         for (rel, data) in files {
-            if !env.root.join(rel).exists() {
-                let stored = std::fs::read(env.server.object_path(BUCKET, &env.key(rel)))
-                    .unwrap_or_else(|_| panic!("{rel} deleted but not stored"));
-                assert!(
-                    stored == *data,
-                    "{rel} deleted but its object is not complete"
-                );
+            if checked_gone.contains(rel) || env.root.join(rel).exists() {
+                continue;
+            }
+            checked_gone.insert(rel.clone());
+            match std::fs::read(env.server.object_path(BUCKET, &env.key(rel))) {
+                Ok(stored) if stored == *data => {}
+                Ok(_) => {
+                    deleted_unverified.insert(rel.clone(), "object incomplete".into());
+                }
+                Err(_) => {
+                    deleted_unverified.insert(rel.clone(), "not stored".into());
+                }
             }
         }
     };
 
     let mut kills = 0;
     let mut self_killed = 0;
-    while kills < KILLS {
+    let mut rss_at_kill: Vec<u64> = Vec::new();
+    while kills < kills_wanted {
         let fp = failpoints[kills % failpoints.len()];
         let mut child = spawn(&cfg, fp, &log);
         let delay = Duration::from_millis(rng.random_range(300..1500));
@@ -166,6 +205,9 @@ drain_secs = 1
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(kib) = rss_kib(child.id()) {
+            rss_at_kill.push(kib);
         }
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
@@ -184,7 +226,7 @@ drain_secs = 1
         check_nothing_deleted_early(&files);
         // Keep work coming.
         let pending = files.keys().filter(|r| env.root.join(r).exists()).count();
-        for _ in pending..3 {
+        for _ in pending..batch {
             add_file(&mut files, &mut rng);
         }
     }
@@ -192,8 +234,13 @@ drain_secs = 1
     // A last run, left to finish and stopped cleanly.
     proxy.set(Fault::None);
     let mut child = spawn(&cfg, "", &log);
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut rss_last_run: Vec<u64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90 + 10 * batch as u64);
     while files.keys().any(|r| env.root.join(r).exists()) {
+        check_nothing_deleted_early(&files);
+        if let Some(kib) = rss_kib(child.id()) {
+            rss_last_run.push(kib);
+        }
         if Instant::now() > deadline {
             let left: Vec<_> = files.keys().filter(|r| env.root.join(r).exists()).collect();
             let rows: Vec<_> = left.iter().map(|r| env.row(r)).collect();
@@ -229,13 +276,27 @@ drain_secs = 1
     let status = child.wait().unwrap();
     assert!(status.success(), "clean stop: {status}");
 
+    check_nothing_deleted_early(&files);
+
     let mut total = 0u64;
+    let mut lost = Vec::new();
+    let mut corrupted = Vec::new();
+    let mut not_finished = Vec::new();
     for (rel, data) in &files {
-        let stored = std::fs::read(env.server.object_path(BUCKET, &env.key(rel))).unwrap();
-        assert!(stored == *data, "{rel}: stored bytes differ");
-        assert!(!env.root.join(rel).exists());
+        total += data.len() as u64;
+        match std::fs::read(env.server.object_path(BUCKET, &env.key(rel))) {
+            Err(_) if !env.root.join(rel).exists() => lost.push(rel.clone()),
+            Err(_) => not_finished.push(rel.clone()),
+            Ok(stored) if stored != *data => corrupted.push(rel.clone()),
+            Ok(_) => {}
+        }
+        if env.root.join(rel).exists() {
+            not_finished.push(rel.clone());
+        }
         let row = env.row(rel).unwrap();
-        if row.state != record_offload::journal::State::Deleted {
+        if row.state != record_offload::journal::State::Deleted
+            || row.md5.as_deref() != Some(md5_hex(data).as_str())
+        {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let lines: Vec<&str> = text
                 .lines()
@@ -249,24 +310,47 @@ drain_secs = 1
                 lines.join("\n")
             );
         }
-        assert_eq!(row.md5.as_deref(), Some(md5_hex(data).as_str()));
-        total += data.len() as u64;
     }
-    assert!(
-        env.server.open_uploads().is_empty(),
-        "multipart uploads left open: {:?}",
-        env.server.open_uploads()
-    );
+    let open_uploads = env.server.open_uploads();
     let sent = proxy.stats().request_body_bytes;
     let resent_per_kill = sent.saturating_sub(total) as f64 / kills as f64;
     let bound = (CONCURRENCY * PART_MIB * 1024 * 1024) as f64;
+    let mib = |b: f64| b / 1048576.0;
     eprintln!(
         "crash test: {} files, {kills} kills ({self_killed} at failpoints), {:.1} MiB stored, {:.1} MiB sent, {:.2} MiB re-sent per kill (bound {:.0} MiB)",
         files.len(),
-        total as f64 / 1048576.0,
-        sent as f64 / 1048576.0,
-        resent_per_kill / 1048576.0,
-        bound / 1048576.0
+        mib(total as f64),
+        mib(sent as f64),
+        mib(resent_per_kill),
+        mib(bound)
+    );
+    let third = rss_at_kill.len() / 3;
+    eprintln!(
+        "crash test: lost {}, corrupted {}, deleted unverified {}, open multipart uploads {}, not finished {}",
+        lost.len(),
+        corrupted.len(),
+        deleted_unverified.len(),
+        open_uploads.len(),
+        not_finished.len()
+    );
+    eprintln!(
+        "crash test: daemon RSS at kill: median of the first third {} KiB, of the last third {} KiB, max {} KiB; last run: {} samples, max {} KiB",
+        median(&rss_at_kill[..third.max(1).min(rss_at_kill.len())]),
+        median(&rss_at_kill[rss_at_kill.len() - third.max(1).min(rss_at_kill.len())..]),
+        rss_at_kill.iter().max().copied().unwrap_or(0),
+        rss_last_run.len(),
+        rss_last_run.iter().max().copied().unwrap_or(0)
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(corrupted.is_empty(), "stored bytes differ: {corrupted:?}");
+    assert!(
+        deleted_unverified.is_empty(),
+        "deleted before stored: {deleted_unverified:?}"
+    );
+    assert!(not_finished.is_empty(), "still on disk: {not_finished:?}");
+    assert!(
+        open_uploads.is_empty(),
+        "multipart uploads left open: {open_uploads:?}"
     );
     assert!(
         resent_per_kill <= bound,

@@ -1,11 +1,13 @@
 //! The pipeline under store faults, injected by a proxy between the daemon and a real
 //! S3-compatible server: outages, refused connections, 5xx answers, cut and damaged bodies,
-//! slow answers, permanent refusals; and a file that changes while it is being uploaded.
+//! slow answers, permanent refusals, random 5xx answers, a store throttled to 1 MiB/s; and a
+//! file that changes while it is being uploaded.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -49,6 +51,38 @@ impl Batch {
         }
     }
 
+    /// Like [`Batch::assert_all_stored`], and while waiting checks, every few milliseconds,
+    /// that no local file is gone before its object is complete and byte-identical.
+    async fn assert_all_stored_watching(&self, env: &Env) {
+        let start = std::time::Instant::now();
+        let mut gone: HashSet<&str> = HashSet::new();
+        loop {
+            for (rel, data) in &self.files {
+                if gone.contains(rel.as_str()) || env.root.join(rel).exists() {
+                    continue;
+                }
+                let stored = std::fs::read(env.server.object_path(BUCKET, &env.key(rel)))
+                    .unwrap_or_else(|_| panic!("{rel} deleted but not stored"));
+                assert!(stored == *data, "{rel} deleted but its object differs");
+                gone.insert(rel);
+            }
+            if gone.len() == self.files.len() {
+                break;
+            }
+            assert!(
+                start.elapsed() < T,
+                "not all stored in time: {:?}",
+                self.files
+                    .iter()
+                    .filter(|(r, _)| !gone.contains(r.as_str()))
+                    .map(|(r, _)| (r, env.row(r)))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.assert_all_stored(env).await;
+    }
+
     fn assert_none_deleted(&self, env: &Env) {
         self.assert_none_deleted_over(env, 0);
     }
@@ -65,6 +99,33 @@ impl Batch {
             );
         }
     }
+}
+
+/// `record_offload_upload_retries_total` by reason, from the process-wide registry (shared by
+/// the tests of this file running in parallel: compare before and after, by a reason no
+/// other test produces where it matters).
+fn retries_by_reason() -> BTreeMap<String, u64> {
+    let text = record_offload::metrics::render();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("record_offload_upload_retries_total{reason=\"") else {
+            continue;
+        };
+        let (reason, value) = rest.split_once("\"} ").unwrap();
+        out.insert(
+            reason.to_string(),
+            value.trim().parse::<f64>().unwrap() as u64,
+        );
+    }
+    out
+}
+
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
+    after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
+}
+
+fn total_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> u64 {
+    after.values().sum::<u64>() - before.values().sum::<u64>()
 }
 
 fn config(env: &Env, proxy: &FaultProxy) -> record_offload::config::Settings {
@@ -266,6 +327,128 @@ async fn file_modified_during_upload_is_not_deleted_but_uploaded_again() {
     assert_eq!(row.md5.as_deref(), Some(md5_hex(&whole).as_str()));
     let got = env.get(&env.key("growing.mp4")).await.unwrap();
     assert!(got == whole, "stored object is not the final file");
+    d.shutdown();
+    d.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifth_of_requests_answered_500_503_slowdown_at_random() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    proxy.set(Fault::RandomStatus {
+        percent: 20,
+        answers: vec![
+            (500, "InternalError".into()),
+            (503, "ServiceUnavailable".into()),
+            (503, "SlowDown".into()),
+        ],
+        seed: 0x5eed,
+    });
+    let before = retries_by_reason();
+    let d = env.start(config(&env, &proxy)).await;
+    let b = batch(&env, "a", 12, 3);
+    b.assert_all_stored_watching(&env).await;
+    let injected = proxy.stats().injected;
+    assert!(injected > 0, "nothing was injected");
+    let after = retries_by_reason();
+    let own = d.uploader.stats.retries.load(Ordering::Relaxed);
+    assert!(own > 0, "no retry");
+    // Other tests of this file add to the same counters, never take away: every retry of
+    // this daemon must be in there.
+    assert!(
+        total_delta(&before, &after) >= own,
+        "{own} retries, not all in the metrics: {before:?} -> {after:?}"
+    );
+    let answered: u64 = [
+        "ServiceUnavailable",
+        "SlowDown",
+        "InternalError",
+        "http_503",
+        "http_500",
+    ]
+    .iter()
+    .map(|r| delta(&before, &after, r))
+    .sum();
+    assert!(answered > 0, "{before:?} -> {after:?}");
+    assert!(env.server.open_uploads().is_empty());
+    d.shutdown();
+    d.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_throttled_to_1_mib_per_second() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    // Per connection: with 3 requests carrying data, about 3 MiB/s in all.
+    proxy.set(Fault::Throttle {
+        bytes_per_sec: 1024 * 1024,
+    });
+    let d = env
+        .start(env.config_at(&format!("http://{}", proxy.addr()), |c| {
+            c.upload.part_size_mib = 5;
+            c.upload.concurrency = 3;
+            c.upload.request_timeout_secs = 10.0;
+        }))
+        .await;
+    let b = batch(&env, "a", 8, 1);
+    b.assert_all_stored_watching(&env).await;
+    // 5 MiB parts take 5 s each at this rate: a slow store that answers is waited for,
+    // never cut and sent again.
+    assert_eq!(
+        d.uploader.stats.retries.load(Ordering::Relaxed),
+        0,
+        "a slow upload was cut: {:?}",
+        env.rows()
+            .iter()
+            .filter_map(|r| r.last_error.clone())
+            .collect::<Vec<_>>()
+    );
+    let total: u64 = b.files.iter().map(|(_, d)| d.len() as u64).sum();
+    assert!(proxy.stats().request_body_bytes >= total);
+    d.shutdown();
+    d.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_refused_while_a_batch_uploads() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    // Slow enough that the batch is under way when the store starts refusing.
+    proxy.set(Fault::Throttle {
+        bytes_per_sec: 4 * 1024 * 1024,
+    });
+    let before = retries_by_reason();
+    let d = env.start(config(&env, &proxy)).await;
+    let b = batch(&env, "a", 6, 2);
+    wait_until("an upload under way", T, || {
+        env.rows().iter().any(|r| r.bytes_sent > 0)
+    })
+    .await;
+    proxy.set(Fault::Refuse);
+    // Requests in flight finish; every new connection is refused.
+    let watch = b.assert_all_stored_watching(&env);
+    tokio::pin!(watch);
+    tokio::select! {
+        () = &mut watch => panic!("everything stored while the store refused connections"),
+        () = tokio::time::sleep(Duration::from_secs(3)) => {}
+    }
+    let refused = env
+        .rows()
+        .into_iter()
+        .filter_map(|r| r.last_error)
+        .any(|e| e.contains("onnection refused"));
+    assert!(refused, "no refused connection recorded: {:?}", env.rows());
+    assert!(env.rows().iter().all(|r| r.state != State::Failed));
+    proxy.set(Fault::None);
+    watch.await;
+    let after = retries_by_reason();
+    let own = d.uploader.stats.retries.load(Ordering::Relaxed);
+    assert!(own > 0, "no retry");
+    assert!(
+        total_delta(&before, &after) >= own && delta(&before, &after, "network") > 0,
+        "{own} retries, not all in the metrics: {before:?} -> {after:?}"
+    );
+    assert!(env.server.open_uploads().is_empty());
     d.shutdown();
     d.wait().await;
 }

@@ -172,6 +172,8 @@ pub fn open_rw(path: &Path) -> Result<Connection, JournalError> {
         // Fail loudly instead of silently rebuilding: a damaged journal is an operator matter.
         let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         if check != "ok" {
+            // The check's report spans lines: errors are one line.
+            let check = check.split_whitespace().collect::<Vec<_>>().join(" ");
             return Err(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
                 Some(format!("integrity check failed: {check}")),

@@ -104,7 +104,10 @@ pub async fn run(
 
     // Watch first, then scan: nothing can fall between the two.
     let (ev_tx, mut ev_rx) = mpsc::channel::<Msg>(65536);
-    match start_watcher(&w.params.root, ev_tx).await {
+    let mut watched_root = dir_id(&w.params.root);
+    let mut root_gone_warned = false;
+    let mut next_root_check = Instant::now() + ROOT_CHECK;
+    match start_watcher(&w.params.root, ev_tx.clone()).await {
         Ok(wt) => {
             if let Ok(mut slot) = w.watcher.lock() {
                 *slot = Some(wt);
@@ -187,6 +190,44 @@ pub async fn run(
                 if w.settle_due(&out).await.is_err() {
                     break; // the intake is gone: shutting down
                 }
+                // A root removed and created again has lost its inotify watch: watch the new
+                // directory and scan it.
+                if Instant::now() >= next_root_check {
+                    next_root_check = Instant::now() + ROOT_CHECK;
+                    match dir_id(&w.params.root) {
+                        None => {
+                            if !root_gone_warned {
+                                root_gone_warned = true;
+                                warn!(root = %w.params.root.display(),
+                                    "the watch root is gone; waiting for it to come back");
+                            }
+                        }
+                        Some(id) if Some(id) != watched_root => {
+                            root_gone_warned = false;
+                            watched_root = Some(id);
+                            warn!(root = %w.params.root.display(),
+                                "the watch root was replaced by another directory; watching and scanning the new one");
+                            let new = start_watcher(&w.params.root, ev_tx.clone()).await;
+                            if let Ok(mut slot) = w.watcher.lock() {
+                                match new {
+                                    Ok(wt) => *slot = Some(wt),
+                                    Err(e) => {
+                                        *slot = None;
+                                        warn!(error = %e, "cannot watch the new root with inotify; relying on periodic scans");
+                                        w.rescan_interval = w.rescan_interval.min(Duration::from_secs(60));
+                                    }
+                                }
+                            }
+                            if full_scan_running {
+                                full_scan_again = true;
+                            } else {
+                                full_scan_running = true;
+                                w.spawn_scan(PathBuf::new(), true, scan_tx.clone());
+                            }
+                        }
+                        Some(_) => root_gone_warned = false,
+                    }
+                }
             }
         }
         w.stats
@@ -194,6 +235,18 @@ pub async fn run(
             .store(w.pending.len() as u64, Ordering::Relaxed);
     }
     debug!("watcher stopped");
+}
+
+/// How often the watcher checks that the root is still the directory it watches.
+const ROOT_CHECK: Duration = Duration::from_secs(1);
+
+/// `(dev, inode)` of the directory at `path` (following a link at the root itself).
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
 }
 
 async fn start_watcher(

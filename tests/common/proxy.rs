@@ -51,6 +51,14 @@ pub enum Fault {
         code: String,
         every: u32,
     },
+    /// Answer (without forwarding) about `percent` % of the requests, picked at random, each
+    /// with one of `answers` (status, S3 error code), also picked at random; forward the
+    /// rest. `seed` makes the sequence repeatable.
+    RandomStatus {
+        percent: u32,
+        answers: Vec<(u16, String)>,
+        seed: u64,
+    },
     /// Forward the request head and only the first `after_bytes` bytes of the request
     /// body upstream, then cut both connections: the client's with a reset, the
     /// upstream's with a FIN after exactly `after_bytes` body bytes. Applies to requests
@@ -108,6 +116,7 @@ impl FaultProxy {
             state: Mutex::new(State {
                 fault: Fault::None,
                 status_seen: 0,
+                rng: 1,
             }),
             listener: Mutex::new(Some(listener)),
             listener_changed: Notify::new(),
@@ -137,6 +146,9 @@ impl FaultProxy {
     /// the port before this returns (or, if that fails, retries in the background).
     pub fn set(&self, fault: Fault) {
         let mut state = lock(&self.shared.state);
+        if let Fault::RandomStatus { seed, .. } = &fault {
+            state.rng = seed | 1;
+        }
         state.fault = fault;
         state.status_seen = 0;
         let refuse = matches!(state.fault, Fault::Refuse);
@@ -199,6 +211,19 @@ struct State {
     fault: Fault,
     /// Requests seen since the current `Status` fault was set.
     status_seen: u64,
+    /// xorshift state for `RandomStatus`.
+    rng: u64,
+}
+
+impl State {
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
 }
 
 #[derive(Default)]
@@ -284,6 +309,18 @@ impl Shared {
             } => {
                 state.status_seen += 1;
                 if state.status_seen.is_multiple_of(u64::from(every.max(1))) {
+                    Plan::Inject { status, code }
+                } else {
+                    Plan::Forward(ForwardPlan::default())
+                }
+            }
+            Fault::RandomStatus {
+                percent, answers, ..
+            } => {
+                let roll = state.next_random() % 100;
+                if roll < u64::from(percent) && !answers.is_empty() {
+                    let pick = state.next_random() as usize % answers.len();
+                    let (status, code) = answers[pick].clone();
                     Plan::Inject { status, code }
                 } else {
                     Plan::Forward(ForwardPlan::default())
