@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::harness::*;
-use record_offload::devserver::{ACCESS_KEY, SECRET_KEY};
+use record_offload::devserver::SECRET_KEY;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,41 +26,14 @@ const MAX_CONNECTIONS: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn write_config(env: &Env) -> PathBuf {
-    let cfg = env.dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[node]
-name = "{NODE}"
-[watch]
-root = {root:?}
-settle_secs = 3600
-rescan_interval_secs = 600
-[journal]
-path = {journal:?}
-[storage]
-endpoint = "{endpoint}"
-region = "us-east-1"
-bucket = "{BUCKET}"
-access_key_id = "{ACCESS_KEY}"
-path_style = true
-[upload]
-drain_secs = 1
-[lookup]
-listen = ["127.0.0.1:0"]
-max_connections = {MAX_CONNECTIONS}
-header_timeout_secs = {header}
-request_timeout_secs = 5
-"#,
-            root = env.root.display().to_string(),
-            journal = env.journal_path.display().to_string(),
-            endpoint = env.server.endpoint(),
-            header = HEADER_TIMEOUT.as_secs_f64(),
-        ),
-    )
-    .unwrap();
-    cfg
+    env.config_file_at(&env.server.endpoint(), |c| {
+        c.watch.settle_secs = 3600.0;
+        c.storage.access_key_secret = String::new();
+        c.upload.drain_secs = 1.0;
+        c.lookup.max_connections = MAX_CONNECTIONS;
+        c.lookup.header_timeout_secs = HEADER_TIMEOUT.as_secs_f64();
+        c.lookup.request_timeout_secs = 5.0;
+    })
 }
 
 /// The daemon process; killed if the test fails before it stopped it.

@@ -97,43 +97,13 @@ async fn killed_at_random_moments_loses_nothing() {
     proxy.set(Fault::Throttle {
         bytes_per_sec: 6 * 1024 * 1024,
     });
-    let cfg = env.dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[node]
-name = "{NODE}"
-[watch]
-root = {root:?}
-settle_secs = 0.1
-rescan_interval_secs = 600
-[journal]
-path = {journal:?}
-[storage]
-endpoint = "http://{addr}"
-region = "us-east-1"
-bucket = "{BUCKET}"
-access_key_id = "{ak}"
-access_key_secret = "{sk}"
-path_style = true
-[lookup]
-listen = ["127.0.0.1:0"]
-[upload]
-part_size_mib = {PART_MIB}
-concurrency = {CONCURRENCY}
-retry_initial_secs = 0.05
-retry_max_secs = 0.5
-drain_secs = 1
-"#,
-            root = env.root.display().to_string(),
-            journal = env.journal_path.display().to_string(),
-            addr = proxy.addr(),
-            ak = record_offload::devserver::ACCESS_KEY,
-            sk = record_offload::devserver::SECRET_KEY,
-        ),
-    )
-    .unwrap();
+    let cfg = env.config_file_at(&format!("http://{}", proxy.addr()), |c| {
+        c.watch.settle_secs = 0.1;
+        c.upload.part_size_mib = PART_MIB;
+        c.upload.concurrency = CONCURRENCY as usize;
+        c.upload.request_timeout_secs = 60.0;
+        c.upload.drain_secs = 1.0;
+    });
     let log = env.dir.path().join("daemon.log");
 
     let seed: u64 = std::env::var("CRASH_SEED")

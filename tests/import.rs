@@ -13,47 +13,16 @@ use std::time::Duration;
 use common::harness::*;
 use record_offload::config::{self, Source};
 use record_offload::daemon::Daemon;
-use record_offload::devserver::{ACCESS_KEY, SECRET_KEY};
 use record_offload::journal::State;
 
 const T: Duration = Duration::from_secs(60);
 
 fn write_config(env: &Env, settle_secs: f64) -> PathBuf {
-    let cfg = env.dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[node]
-name = "{NODE}"
-[watch]
-root = {root:?}
-exclude = ["**/*.tmp"]
-settle_secs = {settle_secs}
-rescan_interval_secs = 600
-[journal]
-path = {journal:?}
-[storage]
-endpoint = "{endpoint}"
-region = "us-east-1"
-bucket = "{BUCKET}"
-access_key_id = "{ACCESS_KEY}"
-access_key_secret = "{SECRET_KEY}"
-path_style = true
-[upload]
-retry_initial_secs = 0.05
-retry_max_secs = 0.5
-drain_secs = 1
-[lookup]
-listen = ["127.0.0.1:0"]
-"#,
-            root = env.root.display().to_string(),
-            journal = env.journal_path.display().to_string(),
-            endpoint = env.server.endpoint(),
-        ),
-    )
-    .unwrap();
-    cfg
+    env.config_file_at(&env.server.endpoint(), |c| {
+        c.watch.exclude = vec!["**/*.tmp".to_string()];
+        c.watch.settle_secs = settle_secs;
+        c.upload.drain_secs = 1.0;
+    })
 }
 
 /// Runs `import ARGS --json`; returns the exit code and the report.

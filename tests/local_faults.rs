@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use common::harness::*;
 use common::proxy::{Fault, FaultProxy};
-use record_offload::devserver::{ACCESS_KEY, SECRET_KEY};
 use record_offload::journal::{self, State};
 
 const T: Duration = Duration::from_secs(60);
@@ -78,41 +77,11 @@ impl Drop for Tmpfs {
 }
 
 /// A config file for the real binary.
-fn write_config(env: &Env, endpoint: &str, extra: &str) -> PathBuf {
-    let cfg = env.dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[node]
-name = "{NODE}"
-[watch]
-root = {root:?}
-settle_secs = 0.1
-rescan_interval_secs = 600
-[journal]
-path = {journal:?}
-[storage]
-endpoint = "{endpoint}"
-region = "us-east-1"
-bucket = "{BUCKET}"
-access_key_id = "{ACCESS_KEY}"
-access_key_secret = "{SECRET_KEY}"
-path_style = true
-[upload]
-retry_initial_secs = 0.05
-retry_max_secs = 0.5
-drain_secs = 1
-[lookup]
-listen = ["127.0.0.1:0"]
-{extra}
-"#,
-            root = env.root.display().to_string(),
-            journal = env.journal_path.display().to_string(),
-        ),
-    )
-    .unwrap();
-    cfg
+fn write_config(env: &Env, endpoint: &str) -> PathBuf {
+    env.config_file_at(endpoint, |c| {
+        c.watch.settle_secs = 0.1;
+        c.upload.drain_secs = 1.0;
+    })
 }
 
 fn cli(cfg: &Path, args: &[&str]) -> std::process::Output {
@@ -295,7 +264,7 @@ async fn corrupt_journal_is_refused_and_never_replaced() {
     env.wait_state("d/f49.mp4", State::Deleted, T).await;
     d.shutdown();
     d.wait().await;
-    let cfg = write_config(&env, &env.server.endpoint(), "");
+    let cfg = write_config(&env, &env.server.endpoint());
     env.write("waiting.mp4", b"must stay");
     // Everything into the main file, no WAL left beside it.
     let conn = journal::open_rw(&env.journal_path).unwrap();
@@ -372,7 +341,7 @@ async fn read_only_journal() {
     env.write("waiting.mp4", b"must stay");
 
     // The daemon refuses to start, saying why.
-    let cfg = write_config(&env, &env.server.endpoint(), "");
+    let cfg = write_config(&env, &env.server.endpoint());
     let out = cli(&cfg, &["run"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -499,7 +468,7 @@ async fn permission_denied_on_a_file() {
     let state = env.journal_path.parent().unwrap();
     std::fs::create_dir_all(state).unwrap();
     chown(state, Some(NOBODY), Some(NOBODY)).unwrap();
-    let cfg = write_config(&env, &env.server.endpoint(), "");
+    let cfg = write_config(&env, &env.server.endpoint());
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let secret = env.write("secret.mp4", b"not for the daemon");

@@ -13,45 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::harness::*;
-use record_offload::devserver::{ACCESS_KEY, SECRET_KEY};
+use record_offload::config::Config;
+use record_offload::devserver::SECRET_KEY;
 
 const T: Duration = Duration::from_secs(60);
 
-fn write_config(env: &Env, extra: &str) -> PathBuf {
-    let cfg = env.dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[node]
-name = "{NODE}"
-[watch]
-root = {root:?}
-settle_secs = 0.1
-rescan_interval_secs = 600
-[journal]
-path = {journal:?}
-[storage]
-endpoint = "{endpoint}"
-region = "us-east-1"
-bucket = "{BUCKET}"
-access_key_id = "{ACCESS_KEY}"
-path_style = true
-[upload]
-retry_initial_secs = 0.05
-retry_max_secs = 0.5
-drain_secs = 1
-[lookup]
-listen = ["127.0.0.1:0"]
-{extra}
-"#,
-            root = env.root.display().to_string(),
-            journal = env.journal_path.display().to_string(),
-            endpoint = env.server.endpoint(),
-        ),
-    )
-    .unwrap();
-    cfg
+fn write_config(env: &Env, edit: impl FnOnce(&mut Config)) -> PathBuf {
+    env.config_file_at(&env.server.endpoint(), |c| {
+        c.watch.settle_secs = 0.1;
+        // The secret comes in the environment (see `spawn`).
+        c.storage.access_key_secret = String::new();
+        c.upload.drain_secs = 1.0;
+        edit(c);
+    })
 }
 
 /// Messages received on the notify socket, each with the time it arrived.
@@ -205,7 +179,7 @@ fn is_queue_status(line: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_ready_status_watchdog_stopping_in_order() {
     let env = Env::new().await;
-    let cfg = write_config(&env, "");
+    let cfg = write_config(&env, |_| {});
     let sock = env.dir.path().join("notify.sock");
     let notes = Notes::listen(&sock);
     let log = env.dir.path().join("daemon.log");
@@ -280,7 +254,7 @@ async fn notify_ready_status_watchdog_stopping_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
     let env = Env::new().await;
-    let cfg = write_config(&env, "");
+    let cfg = write_config(&env, |_| {});
     let sock = env.dir.path().join("notify.sock");
     let notes = Notes::listen(&sock);
     let log = env.dir.path().join("daemon.log");
@@ -304,7 +278,7 @@ async fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stage_stops_the_watchdog_pings() {
     let env = Env::new().await;
-    let cfg = write_config(&env, "[health]\nstall_secs = 3\n");
+    let cfg = write_config(&env, |c| c.health.stall_secs = 3.0);
     let sock = env.dir.path().join("notify.sock");
     let notes = Notes::listen(&sock);
     let log = env.dir.path().join("daemon.log");
@@ -376,7 +350,7 @@ fn run_cli(cfg: &Path, args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_anything_printed() {
     let env = Env::new().await;
-    let cfg = write_config(&env, "");
+    let cfg = write_config(&env, |_| {});
     let sock = env.dir.path().join("notify.sock");
     let _notes = Notes::listen(&sock);
 
@@ -436,7 +410,7 @@ async fn no_secret_in_anything_printed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_while_the_daemon_runs() {
     let env = Env::new().await;
-    let cfg = write_config(&env, "");
+    let cfg = write_config(&env, |_| {});
     let sock = env.dir.path().join("notify.sock");
     let notes = Notes::listen(&sock);
     let log = env.dir.path().join("daemon.log");

@@ -45,6 +45,24 @@ impl Env {
     }
 
     pub fn config_at(&self, endpoint: &str, edit: impl FnOnce(&mut Config)) -> Settings {
+        let mut c = self.base_config(endpoint);
+        edit(&mut c);
+        config::validate(c).unwrap()
+    }
+
+    /// The same settings as [`Env::config_at`], edited and written as `config.toml` in the
+    /// test's directory for the real binary (not validated: a test may leave the secret out
+    /// and pass it in the environment).
+    #[allow(dead_code)]
+    pub fn config_file_at(&self, endpoint: &str, edit: impl FnOnce(&mut Config)) -> PathBuf {
+        let mut c = self.base_config(endpoint);
+        edit(&mut c);
+        let path = self.dir.path().join("config.toml");
+        std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
+        path
+    }
+
+    fn base_config(&self, endpoint: &str) -> Config {
         let mut c = Config::default();
         c.node.name = NODE.to_string();
         c.watch.root = self.root.clone();
@@ -64,8 +82,7 @@ impl Env {
         c.upload.drain_secs = 2.0;
         // Tests run in parallel: never a fixed port.
         c.lookup.listen = vec!["127.0.0.1:0".to_string()];
-        edit(&mut c);
-        config::validate(c).unwrap()
+        c
     }
 
     pub async fn start(&self, settings: Settings) -> Daemon {
