@@ -266,6 +266,181 @@ mod simd {
             s2[i] = _mm_extract_epi32::<1>(v) as u32;
         }
     }
+
+    macro_rules! ystep {
+        ($x:ident, $n:expr, $imm:ident, $a:ident, $b:ident, $c:ident, $d:ident) => {{
+            const N: usize = $n;
+            let xt = _mm256_add_epi32($x[word_index(N)], _mm256_set1_epi32(T[N] as i32));
+            let f = _mm256_ternarylogic_epi32::<$imm>($b, $c, $d);
+            let t = _mm256_add_epi32(_mm256_add_epi32($a, xt), f);
+            $a = _mm256_add_epi32($b, _mm256_rol_epi32::<{ shift(N) as i32 }>(t));
+        }};
+    }
+
+    macro_rules! yround {
+        ($x:ident, $base:expr, $imm:ident, $a:ident, $b:ident, $c:ident, $d:ident) => {{
+            ystep!($x, $base, $imm, $a, $b, $c, $d);
+            ystep!($x, $base + 1, $imm, $d, $a, $b, $c);
+            ystep!($x, $base + 2, $imm, $c, $d, $a, $b);
+            ystep!($x, $base + 3, $imm, $b, $c, $d, $a);
+            ystep!($x, $base + 4, $imm, $a, $b, $c, $d);
+            ystep!($x, $base + 5, $imm, $d, $a, $b, $c);
+            ystep!($x, $base + 6, $imm, $c, $d, $a, $b);
+            ystep!($x, $base + 7, $imm, $b, $c, $d, $a);
+            ystep!($x, $base + 8, $imm, $a, $b, $c, $d);
+            ystep!($x, $base + 9, $imm, $d, $a, $b, $c);
+            ystep!($x, $base + 10, $imm, $c, $d, $a, $b);
+            ystep!($x, $base + 11, $imm, $b, $c, $d, $a);
+            ystep!($x, $base + 12, $imm, $a, $b, $c, $d);
+            ystep!($x, $base + 13, $imm, $d, $a, $b, $c);
+            ystep!($x, $base + 14, $imm, $c, $d, $a, $b);
+            ystep!($x, $base + 15, $imm, $b, $c, $d, $a);
+        }};
+    }
+
+    /// Transposes eight rows of eight words: word `w` of row `r` becomes word `r` of row `w`.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        [
+            _mm256_permute2x128_si256::<0x20>(u0, u4),
+            _mm256_permute2x128_si256::<0x20>(u1, u5),
+            _mm256_permute2x128_si256::<0x20>(u2, u6),
+            _mm256_permute2x128_si256::<0x20>(u3, u7),
+            _mm256_permute2x128_si256::<0x31>(u0, u4),
+            _mm256_permute2x128_si256::<0x31>(u1, u5),
+            _mm256_permute2x128_si256::<0x31>(u2, u6),
+            _mm256_permute2x128_si256::<0x31>(u3, u7),
+        ]
+    }
+
+    /// Eight independent states, each over `nblocks` blocks of its own data: one register
+    /// per working variable holds all eight, so the eight chains cost about what one does.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512VL ([`available`]).
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn compress8(states: &mut [[u32; 4]; 8], data: [&[u8]; 8], nblocks: usize) {
+        if data.iter().any(|d| d.len() / 64 < nblocks) {
+            return;
+        }
+        let mut cols = [[0u32; 8]; 4];
+        for (lane, st) in states.iter().enumerate() {
+            for (k, v) in st.iter().enumerate() {
+                cols[k][lane] = *v;
+            }
+        }
+        // SAFETY: each `cols[k]` is 32 bytes.
+        let load = |c: &[u32; 8]| unsafe { _mm256_loadu_si256(c.as_ptr().cast()) };
+        let (mut a, mut b, mut c, mut d) = (
+            load(&cols[0]),
+            load(&cols[1]),
+            load(&cols[2]),
+            load(&cols[3]),
+        );
+        for blk in 0..nblocks {
+            let off = blk * 64;
+            let mut lo = [_mm256_setzero_si256(); 8];
+            let mut hi = [_mm256_setzero_si256(); 8];
+            for lane in 0..8 {
+                let block = &data[lane][off..off + 64];
+                // SAFETY: `block` is 64 bytes; the loads are unaligned.
+                unsafe {
+                    lo[lane] = _mm256_loadu_si256(block.as_ptr().cast());
+                    hi[lane] = _mm256_loadu_si256(block.as_ptr().add(32).cast());
+                }
+            }
+            let (lo, hi) = (transpose8(lo), transpose8(hi));
+            let x = [
+                lo[0], lo[1], lo[2], lo[3], lo[4], lo[5], lo[6], lo[7], hi[0], hi[1], hi[2], hi[3],
+                hi[4], hi[5], hi[6], hi[7],
+            ];
+            let (a0, b0, c0, d0) = (a, b, c, d);
+            yround!(x, 0, F, a, b, c, d);
+            yround!(x, 16, G, a, b, c, d);
+            yround!(x, 32, H, a, b, c, d);
+            yround!(x, 48, I, a, b, c, d);
+            a = _mm256_add_epi32(a, a0);
+            b = _mm256_add_epi32(b, b0);
+            c = _mm256_add_epi32(c, c0);
+            d = _mm256_add_epi32(d, d0);
+        }
+        for (k, v) in [a, b, c, d].into_iter().enumerate() {
+            // SAFETY: each `cols[k]` is 32 bytes.
+            unsafe { _mm256_storeu_si256(cols[k].as_mut_ptr().cast(), v) };
+        }
+        for (lane, st) in states.iter_mut().enumerate() {
+            for (k, v) in st.iter_mut().enumerate() {
+                *v = cols[k][lane];
+            }
+        }
+    }
+}
+
+/// How many states [`compress_lanes`] advances in one pass over their blocks.
+pub const LANES: usize = 8;
+
+/// Advances `states[i]` over the first `nblocks` 64-byte blocks of `data[i]`, for every lane
+/// at once (lanes may share their data, as a part and its whole file do). Independent chains
+/// run side by side in vector registers, so up to [`LANES`] digests cost about what one does.
+/// Lanes without `nblocks` whole blocks, and states without data, are left as they are.
+pub fn compress_lanes(states: &mut [[u32; 4]], data: &[&[u8]], nblocks: usize) {
+    let n = states.len().min(data.len());
+    if n == 0 || nblocks == 0 || data[..n].iter().any(|d| d.len() / 64 < nblocks) {
+        return;
+    }
+    let block = |d: &[u8], k: usize| -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b.copy_from_slice(&d[k * 64..k * 64 + 64]);
+        b
+    };
+    let mut lane = 0;
+    while lane < n {
+        let left = n - lane;
+        #[cfg(target_arch = "x86_64")]
+        if (left > 2 || (left == 2 && !std::ptr::eq(data[lane], data[lane + 1])))
+            && simd::available()
+        {
+            let take = left.min(LANES);
+            let mut st = [INIT; LANES];
+            st[..take].copy_from_slice(&states[lane..lane + take]);
+            // Unused lanes hash the first lane's bytes again; their states are dropped.
+            let mut d = [data[lane]; LANES];
+            d[..take].copy_from_slice(&data[lane..lane + take]);
+            // SAFETY: `available` checked that the CPU has AVX-512F and AVX-512VL.
+            unsafe { simd::compress8(&mut st, d, nblocks) };
+            states[lane..lane + take].copy_from_slice(&st[..take]);
+            lane += take;
+            continue;
+        }
+        if left >= 2 && std::ptr::eq(data[lane], data[lane + 1]) {
+            let (s1, s2) = states[lane..lane + 2].split_at_mut(1);
+            for k in 0..nblocks {
+                compress2(&mut s1[0], &mut s2[0], &block(data[lane], k));
+            }
+            lane += 2;
+        } else {
+            for k in 0..nblocks {
+                compress1(&mut states[lane], &block(data[lane], k));
+            }
+            lane += 1;
+        }
+    }
 }
 
 /// Finishes a state that has consumed `len - tail.len()` bytes, with `tail` still pending.
@@ -339,6 +514,23 @@ impl Single {
 
     pub fn finish(&self) -> [u8; 16] {
         finish(self.state, &self.buf[..self.buf_len], self.len)
+    }
+
+    /// The state, when all the bytes fed so far filled whole blocks (none pending), so that
+    /// more whole blocks can be run elsewhere ([`compress_lanes`]).
+    pub fn aligned_state(&self) -> Option<[u32; 4]> {
+        (self.buf_len == 0).then_some(self.state)
+    }
+
+    /// Takes `state`: [`Self::aligned_state`] run over `nbytes` more bytes of whole blocks.
+    /// Refused (false, nothing changed) unless the hash was aligned and `nbytes` is whole blocks.
+    pub fn advance_aligned(&mut self, state: [u32; 4], nbytes: u64) -> bool {
+        if self.buf_len != 0 || nbytes % 64 != 0 {
+            return false;
+        }
+        self.state = state;
+        self.len += nbytes;
+        true
     }
 }
 
@@ -425,6 +617,25 @@ impl Md5Pair {
     pub fn finish_whole(&self) -> [u8; 16] {
         self.whole.finish()
     }
+
+    /// The whole file's and the part's states, when both are in step and no bytes are
+    /// pending, so that more whole blocks can be run elsewhere ([`compress_lanes`], two lanes
+    /// over the same bytes).
+    pub fn aligned_states(&self) -> Option<[[u32; 4]; 2]> {
+        (self.part_alone.is_none() && self.whole.buf_len == 0)
+            .then_some([self.whole.state, self.part])
+    }
+
+    /// Takes `states`: [`Self::aligned_states`] run over `nbytes` more bytes of whole blocks.
+    /// Refused (false, nothing changed) unless the pair was aligned and `nbytes` is whole blocks.
+    pub fn advance_aligned(&mut self, states: [[u32; 4]; 2], nbytes: u64) -> bool {
+        if self.part_alone.is_some() || !self.whole.advance_aligned(states[0], nbytes) {
+            return false;
+        }
+        self.part = states[1];
+        self.part_len += nbytes;
+        true
+    }
 }
 
 /// MD5 of a byte slice (this module's implementation; used by the tests and benchmarks).
@@ -472,6 +683,66 @@ mod tests {
             compress1_scalar(&mut e, &block);
             assert_eq!(c, e);
         }
+    }
+
+    #[test]
+    fn lanes_match_one_state_at_a_time() {
+        for n in 1..=19usize {
+            let blocks = 1 + n % 4;
+            let owned: Vec<Vec<u8>> = (0..n)
+                .map(|i| data(64 * blocks + i, (n * 31 + i) as u64))
+                .collect();
+            let mut lanes: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+            // Neighbours sharing their bytes, as a part and its whole file do.
+            for i in (1..n).step_by(3) {
+                lanes[i] = lanes[i - 1];
+            }
+            let mut states: Vec<[u32; 4]> =
+                (0..n as u32).map(|i| [i, 7 * i, INIT[2], !i]).collect();
+            let mut want = states.clone();
+            for (st, d) in want.iter_mut().zip(&lanes) {
+                for k in 0..blocks {
+                    let mut b = [0u8; 64];
+                    b.copy_from_slice(&d[k * 64..k * 64 + 64]);
+                    compress1_scalar(st, &b);
+                }
+            }
+            compress_lanes(&mut states, &lanes, blocks);
+            assert_eq!(states, want, "{n} lanes");
+        }
+    }
+
+    #[test]
+    fn lanes_refuse_short_data() {
+        let d = data(128, 3);
+        let mut states = [INIT; 3];
+        compress_lanes(&mut states, &[&d, &d, &d[..64]], 2);
+        assert_eq!(states, [INIT; 3]);
+    }
+
+    #[test]
+    fn aligned_hashing_elsewhere_gives_the_same_digests() {
+        let d = data(3 * 4096 + 100, 11);
+        let aligned = d.len() / 64 * 64;
+        let mut s = Single::new();
+        let mut st = [s.aligned_state().unwrap()];
+        compress_lanes(&mut st, &[&d], aligned / 64);
+        assert!(s.advance_aligned(st[0], aligned as u64));
+        s.update(&d[aligned..]);
+        assert_eq!(s.finish(), reference(&d));
+        assert!(s.aligned_state().is_none());
+        assert!(!s.advance_aligned(INIT, 64));
+
+        let mut pair = Md5Pair::new();
+        let (a, b) = d.split_at(4096);
+        let mut st = pair.aligned_states().unwrap();
+        compress_lanes(&mut st, &[a, a], a.len() / 64);
+        assert!(pair.advance_aligned(st, a.len() as u64));
+        assert_eq!(pair.finish_part(), reference(a));
+        pair.update(b);
+        assert_eq!(pair.finish_part(), reference(b));
+        assert_eq!(pair.finish_whole(), reference(&d));
+        assert!(!pair.advance_aligned([INIT; 2], 7));
     }
 
     #[test]

@@ -572,31 +572,37 @@ impl Uploader {
 
         let part_size = part_size_for(identity.size, self.settings.part_size());
         let started = Instant::now();
-        let md5_hex = if identity.size <= part_size {
+        let single = identity.size <= part_size;
+        let md5_hex = if single {
             self.put_small(row, &file, &identity, cancel).await?
         } else {
             self.put_multipart(row, &file, &identity, part_size, cancel)
                 .await?
         };
 
-        // Check what the store holds.
+        // Check what the store holds. A single PutObject's answer already proved it: the store
+        // returned the ETag of what it stored, and `put_object` accepted it only equal to the
+        // MD5 of the file's bytes (and the body's length is the file's size). A multipart
+        // object's ETag is not its MD5, so its size is checked here.
         let mut backoff = self.backoff();
-        loop {
-            match self.store.head(&row.key).await {
-                Ok(Some(info)) if info.size == identity.size => break,
-                Ok(Some(info)) => {
-                    return Ok(Outcome::Retry(format!(
-                        "stored object has {} bytes, the file {}",
-                        info.size, identity.size
-                    )));
+        if !single {
+            loop {
+                match self.store.head(&row.key).await {
+                    Ok(Some(info)) if info.size == identity.size => break,
+                    Ok(Some(info)) => {
+                        return Ok(Outcome::Retry(format!(
+                            "stored object has {} bytes, the file {}",
+                            info.size, identity.size
+                        )));
+                    }
+                    Ok(None) => {
+                        return Ok(Outcome::Retry(
+                            "stored object not found after upload".into(),
+                        ));
+                    }
+                    Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
+                    Err(e) => return Err(e.into()),
                 }
-                Ok(None) => {
-                    return Ok(Outcome::Retry(
-                        "stored object not found after upload".into(),
-                    ));
-                }
-                Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
-                Err(e) => return Err(e.into()),
             }
         }
         self.check_unchanged(&rel, &file, &identity)?;
