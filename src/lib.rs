@@ -33,6 +33,7 @@ pub mod delete;
 pub mod devserver;
 pub mod failpoint;
 pub mod fsutil;
+pub mod hasher;
 pub mod health;
 pub mod import;
 pub mod journal;

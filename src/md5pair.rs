@@ -525,7 +525,7 @@ impl Single {
     /// Takes `state`: [`Self::aligned_state`] run over `nbytes` more bytes of whole blocks.
     /// Refused (false, nothing changed) unless the hash was aligned and `nbytes` is whole blocks.
     pub fn advance_aligned(&mut self, state: [u32; 4], nbytes: u64) -> bool {
-        if self.buf_len != 0 || nbytes % 64 != 0 {
+        if self.buf_len != 0 || !nbytes.is_multiple_of(64) {
             return false;
         }
         self.state = state;

@@ -46,6 +46,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Settings;
 use crate::delete::DeleteJob;
 use crate::fsutil::{Identity, Root};
+use crate::hasher::Hasher;
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
 use crate::md5pair::Md5Pair;
 use crate::store::{Body, ErrorKind, FileRange, Store, StoreError};
@@ -187,6 +188,10 @@ pub struct Uploader {
     pub root: Arc<Root>,
     /// Requests that carry data in flight.
     permits: Arc<Semaphore>,
+    /// Files and parts being read and hashed ahead of their request (twice as many as
+    /// `permits`), so hashing overlaps sending and several digests run side by side.
+    prepared: Arc<Semaphore>,
+    hasher: Arc<Hasher>,
     /// Woken when rows become due (intake, retries).
     pub wake: Arc<Notify>,
     resettle: mpsc::Sender<PathBuf>,
@@ -209,6 +214,7 @@ impl Uploader {
         stats: Arc<UploadStats>,
     ) -> Arc<Uploader> {
         let permits = Arc::new(Semaphore::new(settings.config.upload.concurrency));
+        let prepared = Arc::new(Semaphore::new(2 * settings.config.upload.concurrency));
         let limit = Bandwidth::new(settings.config.upload.max_bytes_per_sec).map(Arc::new);
         // Validated with the config; an error here leaves uploads unrestricted in time.
         let windows = Windows::parse(&settings.config.upload.windows).unwrap_or_default();
@@ -218,6 +224,8 @@ impl Uploader {
             journal,
             root,
             permits,
+            prepared,
+            hasher: Arc::new(Hasher::start()),
             wake: Arc::new(Notify::new()),
             resettle,
             deleter,
@@ -519,6 +527,14 @@ impl Uploader {
         }
     }
 
+    /// A turn to read and hash ahead of sending (see `prepared`).
+    async fn prepare(&self, cancel: &CancellationToken) -> Result<OwnedSemaphorePermit, TaskError> {
+        tokio::select! {
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+            p = self.prepared.clone().acquire_owned() => p.map_err(|_| TaskError::Interrupted),
+        }
+    }
+
     async fn upload_file(
         self: &Arc<Self>,
         row: &FileRow,
@@ -648,30 +664,39 @@ impl Uploader {
     /// Hashes `len` bytes at `offset` as one part of `pair` (which also keeps the whole
     /// file's MD5); checks the bytes are all there. Returns the part's MD5.
     async fn hash_range(
+        &self,
         file: &Arc<File>,
         offset: u64,
         len: u64,
         mut pair: Md5Pair,
     ) -> Result<([u8; 16], Md5Pair), TaskError> {
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; (len.min(HASH_CHUNK)) as usize];
-            let mut pos = offset;
-            let end = offset + len;
-            while pos < end {
-                let n = (end - pos).min(buf.len() as u64) as usize;
-                let got = crate::store::read_full_at(&file, &mut buf[..n], pos)
-                    .map_err(|e| TaskError::Io(format!("read: {e}")))?;
-                if got < n {
-                    return Err(TaskError::Changed);
-                }
-                pair.update(&buf[..n]);
-                pos += n as u64;
+        let mut buf = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(HASH_CHUNK) as usize;
+            let f = file.clone();
+            let (b, got) = tokio::task::spawn_blocking(move || {
+                buf.resize(n, 0);
+                let got = crate::store::read_full_at(&f, &mut buf[..n], pos);
+                (buf, got)
+            })
+            .await
+            .map_err(|e| TaskError::Io(e.to_string()))?;
+            let got = got.map_err(|e| TaskError::Io(format!("read: {e}")))?;
+            if got < n {
+                return Err(TaskError::Changed);
             }
-            Ok((pair.finish_part(), pair))
-        })
-        .await
-        .map_err(|e| TaskError::Io(e.to_string()))?
+            let (p, b) = self
+                .hasher
+                .update_pair(pair, b, n)
+                .await
+                .map_err(|e| TaskError::Io(e.to_string()))?;
+            pair = p;
+            buf = b;
+            pos += n as u64;
+        }
+        Ok((pair.finish_part(), pair))
     }
 
     /// A file of at most one part: one PutObject. Returns the MD5 (hex). Files up to
@@ -685,41 +710,35 @@ impl Uploader {
         cancel: &CancellationToken,
     ) -> Result<String, TaskError> {
         let mut backoff = self.backoff();
-        let permit = self.acquire(cancel).await?;
+        let prepared = self.prepare(cancel).await?;
         let size = identity.size;
-        let limited = self.limit.is_some();
-        let (md5, data) = {
-            let file = file.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
-                let mut md5 = crate::md5pair::Single::new();
-                // Under a bandwidth limit every body is streamed, so it can be paced.
-                if size <= IN_MEMORY_MAX && !limited {
-                    let mut buf = vec![0u8; size as usize];
-                    let got = crate::store::read_full_at(&file, &mut buf, 0)
-                        .map_err(|e| TaskError::Io(format!("read: {e}")))?;
-                    if got < buf.len() {
-                        return Err(TaskError::Changed);
-                    }
-                    md5.update(&buf);
-                    return Ok((md5.finish(), Some(bytes::Bytes::from(buf))));
+        // Under a bandwidth limit every body is streamed, so it can be paced.
+        let (md5, data) = if size <= IN_MEMORY_MAX && self.limit.is_none() {
+            let f = file.clone();
+            let buf = tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
+                let mut buf = vec![0u8; size as usize];
+                let got = crate::store::read_full_at(&f, &mut buf, 0)
+                    .map_err(|e| TaskError::Io(format!("read: {e}")))?;
+                if got < buf.len() {
+                    return Err(TaskError::Changed);
                 }
-                let mut buf = vec![0u8; HASH_CHUNK as usize];
-                let mut pos = 0;
-                while pos < size {
-                    let n = (size - pos).min(HASH_CHUNK) as usize;
-                    let got = crate::store::read_full_at(&file, &mut buf[..n], pos)
-                        .map_err(|e| TaskError::Io(format!("read: {e}")))?;
-                    if got < n {
-                        return Err(TaskError::Changed);
-                    }
-                    md5.update(&buf[..n]);
-                    pos += n as u64;
-                }
-                Ok((md5.finish(), None))
+                Ok(buf)
             })
             .await
-            .map_err(|e| TaskError::Io(e.to_string()))??
+            .map_err(|e| TaskError::Io(e.to_string()))??;
+            let (md5, buf) = self
+                .hasher
+                .md5(buf)
+                .await
+                .map_err(|e| TaskError::Io(e.to_string()))?;
+            (md5, Some(bytes::Bytes::from(buf)))
+        } else {
+            // One part: its MD5 is the file's.
+            let (md5, _) = self.hash_range(file, 0, size, Md5Pair::new()).await?;
+            (md5, None)
         };
+        let permit = self.acquire(cancel).await?;
+        drop(prepared);
         let mut permit = Some(permit);
         let metadata = [
             ("md5", hex::encode(md5)),
@@ -841,7 +860,7 @@ impl Uploader {
         {
             // Completed before a crash, not recorded: only the MD5 is missing.
             info!("multipart upload was completed before a restart; not sending it again");
-            let (_, pair) = Self::hash_range(file, 0, size, Md5Pair::new()).await?;
+            let (_, pair) = self.hash_range(file, 0, size, Md5Pair::new()).await?;
             return Ok(hex::encode(pair.finish_whole()));
         }
         if let Some(uid) = upload_id.clone() {
@@ -946,20 +965,22 @@ impl Uploader {
             let offset = (n - 1) * part_size;
             let len = part_size.min(size - offset);
             let part_number = n as i32;
-            let permit = self.acquire(cancel).await?;
+            // Hashed while earlier parts are still being sent; then a turn to send.
+            let prepared = self.prepare(cancel).await?;
             let Some(p) = pair.take() else {
                 return Err(TaskError::Io("hash state lost".into()));
             };
-            let (md5, p) = Self::hash_range(file, offset, len, p).await?;
+            let (md5, p) = self.hash_range(file, offset, len, p).await?;
             pair = Some(p);
             if let Some(p) = done.get(&part_number) {
                 if p.md5 == hex::encode(md5) && p.size == len {
-                    drop(permit);
                     continue;
                 }
                 // The file no longer matches what was sent.
                 return Err(TaskError::Changed);
             }
+            let permit = self.acquire(cancel).await?;
+            drop(prepared);
             let me = self.clone();
             let row = row.clone();
             let file = file.clone();
