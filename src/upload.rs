@@ -6,9 +6,12 @@
 //! whose wait is over) and runs one task per file, up to a few more files than
 //! `upload.concurrency`. What is bounded by `upload.concurrency` is the number of requests that
 //! carry data (small objects and parts), across all files: a semaphore permit is held while a
-//! part is hashed and sent. Memory is therefore a few chunk buffers per permit, whatever the
-//! part and file sizes: parts are never held in memory, they are read twice from the file (once
-//! to hash, once to send), which costs page-cache reads but keeps the daemon small.
+//! part is sent. Before that, a file or part is read and hashed under a second permit (twice
+//! `upload.concurrency` of them), so hashing overlaps sending and the digests of several files
+//! meet on the hashing thread ([`crate::hasher`]). Memory is therefore a few chunk buffers per
+//! permit, whatever the part and file sizes: parts are never held in memory, they are read
+//! twice from the file (once to hash, once to send), which costs page-cache reads but keeps the
+//! daemon small.
 //!
 //! # One file
 //!
@@ -19,7 +22,9 @@
 //!    `Content-MD5` and committed when the store acknowledges it with a matching ETag. A row
 //!    that already has an upload id (after a restart) asks ListParts and sends only what is
 //!    missing.
-//! 3. HEAD the object: the size must match.
+//! 3. Check the object: a PutObject's answer carries the ETag the store computed over what it
+//!    stored, which must be the file's MD5 (checked as it arrives); a multipart object's ETag is
+//!    not an MD5, so it is HEADed and its size must match.
 //! 4. Re-check the file: unchanged since it was read, or it is uploaded again after it settles.
 //! 5. Commit `uploaded`, then hand the file to the deleter ([`crate::delete`]), which makes
 //!    the commit durable, unlinks the file only if it is still the same file, and commits
