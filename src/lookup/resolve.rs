@@ -65,6 +65,8 @@ const PATH_SAFE: &AsciiSet = &NON_ALPHANUMERIC
 
 /// Read connections kept for reuse.
 const MAX_POOLED: usize = 16;
+/// How long look-ups share one read transaction (see [`JournalReader`]).
+pub const SNAPSHOT_SECS: f64 = 0.01;
 /// Remote-check answers remembered at most (cleared when full).
 const MAX_CACHED: usize = 100_000;
 
@@ -249,9 +251,19 @@ pub struct Row {
 }
 
 /// Read-only journal connections, pooled, used on the calling thread.
+///
+/// Starting a read transaction costs SQLite two `fcntl` locks and an `fstat` — about as much
+/// as the indexed read itself on a large journal. So look-ups share one open read transaction
+/// (a snapshot) for up to [`SNAPSHOT_SECS`]: an answer may be that much older than the last
+/// commit, which the resolver allows for (a look-up that finds neither a stored row nor the
+/// file reads again outside the snapshot). The look-up server ends an unused snapshot on a
+/// timer ([`JournalReader::end_stale_snapshot`]), so an idle server never holds the WAL back
+/// from its checkpoints.
 pub struct JournalReader {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    /// A connection inside a read transaction, and when that began.
+    snapshot: Mutex<Option<(Connection, Instant)>>,
 }
 
 impl JournalReader {
@@ -260,6 +272,7 @@ impl JournalReader {
         let reader = JournalReader {
             path: path.to_path_buf(),
             pool: Mutex::new(Vec::new()),
+            snapshot: Mutex::new(None),
         };
         let conn = reader.open()?;
         reader.put(conn);
@@ -283,13 +296,61 @@ impl JournalReader {
         }
     }
 
-    /// The row of `rel`, if any.
+    /// The row of `rel`, if any, as of the shared snapshot (at most [`SNAPSHOT_SECS`] old).
     pub fn row(&self, rel: &Path) -> Result<Option<Row>, JournalError> {
-        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
-        let conn = match pooled {
-            Some(c) => c,
-            None => self.open()?,
+        // Another thread using the snapshot right now: read on a connection of its own.
+        let Ok(mut slot) = self.snapshot.try_lock() else {
+            return self.row_fresh(rel);
         };
+        let max_age = Duration::from_secs_f64(SNAPSHOT_SECS);
+        if slot.as_ref().is_some_and(|(_, at)| at.elapsed() >= max_age)
+            && let Some((conn, _)) = slot.take()
+        {
+            self.end(conn);
+        }
+        if slot.is_none() {
+            let conn = self.take()?;
+            conn.execute_batch("BEGIN")?;
+            *slot = Some((conn, Instant::now()));
+        }
+        let Some((conn, _)) = slot.as_ref() else {
+            return self.row_fresh(rel);
+        };
+        let out = query_row(conn, rel);
+        if out.is_err() {
+            // Dropped (its transaction with it) rather than reused.
+            slot.take();
+        }
+        out
+    }
+
+    /// Ends the shared snapshot if it is older than [`SNAPSHOT_SECS`].
+    pub fn end_stale_snapshot(&self) {
+        let max_age = Duration::from_secs_f64(SNAPSHOT_SECS);
+        if let Ok(mut slot) = self.snapshot.lock()
+            && slot.as_ref().is_some_and(|(_, at)| at.elapsed() >= max_age)
+            && let Some((conn, _)) = slot.take()
+        {
+            self.end(conn);
+        }
+    }
+
+    fn end(&self, conn: Connection) {
+        if conn.execute_batch("COMMIT").is_ok() {
+            self.put(conn);
+        }
+    }
+
+    fn take(&self) -> Result<Connection, JournalError> {
+        match self.pool.lock().ok().and_then(|mut p| p.pop()) {
+            Some(c) => Ok(c),
+            None => self.open(),
+        }
+    }
+
+    /// The row of `rel`, if any, as of now (a read transaction of its own).
+    pub fn row_fresh(&self, rel: &Path) -> Result<Option<Row>, JournalError> {
+        let conn = self.take()?;
         let out = query_row(&conn, rel);
         // A connection that failed is dropped rather than pooled.
         if out.is_ok() {
@@ -506,8 +567,9 @@ impl Resolver {
             return self.resolve_elsewhere(node, &legacy.rel).await;
         }
         let rel = legacy.rel;
-        for _ in 0..3 {
-            if let Some(answer) = self.resolve_local(&rel)? {
+        for attempt in 0..3 {
+            // The first read may come from the shared snapshot; the others are fresh.
+            if let Some(answer) = self.resolve_local(&rel, attempt > 0)? {
                 return Ok(answer);
             }
         }
@@ -529,9 +591,19 @@ impl Resolver {
         Err(LookupError::NotFound)
     }
 
+    /// Ends the journal snapshot look-ups share once it is too old to use (the look-up server
+    /// calls this on a timer).
+    pub fn end_stale_snapshot(&self) {
+        self.journal.end_stale_snapshot();
+    }
+
     /// Resolves from the journal and the local disk only. `None`: nothing found this time.
-    fn resolve_local(&self, rel: &Path) -> Result<Option<Answer>, LookupError> {
-        let row = self.journal.row(rel)?;
+    fn resolve_local(&self, rel: &Path, fresh: bool) -> Result<Option<Answer>, LookupError> {
+        let row = if fresh {
+            self.journal.row_fresh(rel)?
+        } else {
+            self.journal.row(rel)?
+        };
         if let Some(row) = &row
             && row.state.is_stored()
         {
@@ -709,6 +781,48 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    /// The shared snapshot: reads within it may lag a commit by at most `SNAPSHOT_SECS`, fresh
+    /// reads never do, and once it is ended the writer can checkpoint the whole WAL.
+    #[test]
+    fn the_shared_snapshot_is_short_lived_and_released() {
+        let t = setup(|_| {});
+        add(&t, b"a.mp4", "queued", 10, None);
+        let rel = Path::new("a.mp4");
+        let j = &t.resolver.journal;
+        assert_eq!(j.row(rel).unwrap().unwrap().state, State::Queued);
+        t.conn
+            .execute(
+                "UPDATE files SET state = 'uploaded' WHERE path = ?1",
+                [b"a.mp4"],
+            )
+            .unwrap();
+        assert_eq!(j.row_fresh(rel).unwrap().unwrap().state, State::Uploaded);
+        // While the snapshot is open the writer cannot checkpoint past it.
+        let (log, done): (i64, i64) = t
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert!(
+            done < log,
+            "a checkpoint went past an open snapshot ({done} of {log})"
+        );
+        std::thread::sleep(Duration::from_secs_f64(SNAPSHOT_SECS * 2.0));
+        // An old snapshot is not used: the next read sees the commit.
+        assert_eq!(j.row(rel).unwrap().unwrap().state, State::Uploaded);
+        std::thread::sleep(Duration::from_secs_f64(SNAPSHOT_SECS * 2.0));
+        // An idle one is ended by the timer's call; then the WAL can be checkpointed and reset.
+        j.end_stale_snapshot();
+        let (busy, log, done): (i64, i64, i64) = t
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((busy, log, done), (0, 0, 0));
     }
 
     #[test]

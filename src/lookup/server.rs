@@ -237,6 +237,7 @@ pub fn serve(
 ) -> Result<(), ServerError> {
     let lk = &settings.config.lookup;
     let allow = Arc::new(AllowList::new(&lk.allow).map_err(ServerError::Allow)?);
+    let state_resolver = resolver.clone();
     let state = Arc::new(AppState {
         resolver,
         auth: Auth::new(&lk.auth.keys, lk.auth.window_secs),
@@ -262,6 +263,7 @@ pub fn serve(
         tracker: TaskTracker::new(),
     };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let snapshots = state_resolver;
     std::thread::Builder::new()
         .name("lookup".to_string())
         .spawn(move || {
@@ -275,6 +277,18 @@ pub fn serve(
                     return;
                 }
             };
+            // Ends the journal snapshot look-ups share once it is stale, so an idle server
+            // never keeps one open.
+            let cancel = ctx.cancel.clone();
+            rt.spawn(async move {
+                let every = Duration::from_secs_f64(crate::lookup::resolve::SNAPSHOT_SECS);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(every) => snapshots.end_stale_snapshot(),
+                    }
+                }
+            });
             rt.block_on(run_listeners(listeners, ctx));
             drop(done_tx);
         })
