@@ -56,6 +56,17 @@ pub enum DaemonError {
     },
     #[error("storage.key_template: {0}")]
     KeyTemplate(String),
+    #[error(
+        "another record-offload is already running on the journal {journal} (it holds {lock}); \
+         one daemon per journal"
+    )]
+    AlreadyRunning { journal: PathBuf, lock: PathBuf },
+    #[error("cannot lock the journal through {lock}: {source}")]
+    Lock {
+        lock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Lookup(#[from] ServerError),
     #[error("look-ups: {0}")]
@@ -75,6 +86,56 @@ pub struct Daemon {
     tracker: TaskTracker,
     monitor: tokio::task::JoinHandle<()>,
     monitor_stop: CancellationToken,
+    /// Held (an exclusive `flock`) for as long as the daemon lives; the kernel drops it when
+    /// the process ends, however it ends.
+    _lock: std::fs::File,
+}
+
+/// `<journal>.lock`: the file a running daemon holds locked. Commands such as `retry` and
+/// `import` write to the journal beside a running daemon and do not take it.
+pub fn lock_path(journal: &std::path::Path) -> PathBuf {
+    let mut p = journal.as_os_str().to_os_string();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Takes the daemon's lock on `journal`, or says who holds it. Two daemons on one journal
+/// would upload and delete the same files side by side.
+fn lock_journal(journal: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = lock_path(journal);
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .create(write)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&lock)
+    };
+    // A lock file that cannot be written (a read-only file system) still takes a lock; the
+    // journal then says what is wrong with it.
+    let file = open(true)
+        .or_else(|e| match e.raw_os_error() {
+            Some(libc::EROFS | libc::EACCES) => open(false).map_err(|_| e),
+            _ => Err(e),
+        })
+        .map_err(|source| DaemonError::Lock {
+            lock: lock.clone(),
+            source,
+        })?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(DaemonError::AlreadyRunning {
+            journal: journal.to_path_buf(),
+            lock,
+        }),
+        Err(e) => Err(DaemonError::Lock {
+            lock,
+            source: e.into(),
+        }),
+    }
 }
 
 impl Daemon {
@@ -87,7 +148,10 @@ impl Daemon {
         systemd::notify(&[sd_notify::NotifyState::Status(
             "starting: recovering the journal",
         )]);
+        // Opening checks and migrates the journal (what any command may do beside a running
+        // daemon); the lock comes before recovery, the first thing only a daemon does.
         let journal = Journal::open(&cfg.journal.path)?;
+        let lock = lock_journal(&cfg.journal.path)?;
         let root = Arc::new(
             Root::open(&cfg.watch.root).map_err(|source| DaemonError::Root {
                 path: cfg.watch.root.clone(),
@@ -300,6 +364,7 @@ impl Daemon {
             tracker,
             monitor,
             monitor_stop,
+            _lock: lock,
         })
     }
 

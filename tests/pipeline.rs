@@ -35,6 +35,31 @@ async fn small_file_is_uploaded_checked_and_deleted() {
     d.wait().await;
 }
 
+/// A second daemon on the same journal is refused, saying which; once the first has stopped,
+/// another may start and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_per_journal() {
+    let env = Env::new().await;
+    let d = env.start(env.config(|_| {})).await;
+    let err = match record_offload::daemon::Daemon::start(env.config(|_| {})).await {
+        Ok(_) => panic!("a second daemon started on the same journal"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("already running") && err.contains(&env.journal_path.display().to_string()),
+        "unclear error: {err}"
+    );
+    env.write("a.mp4", b"first");
+    env.wait_state("a.mp4", State::Deleted, T).await;
+    d.shutdown();
+    d.wait().await;
+    let d = env.start(env.config(|_| {})).await;
+    env.write("b.mp4", b"second");
+    env.wait_state("b.mp4", State::Deleted, T).await;
+    d.shutdown();
+    d.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_file_round_trips_exactly() {
     let env = Env::new().await;
