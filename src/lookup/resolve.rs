@@ -28,11 +28,12 @@
 //!
 //! # Cost
 //!
-//! The hot path (a stored file) is: parse, one indexed `SELECT` on a pooled read-only
-//! connection with a cached prepared statement, one signature. It runs inline on the calling
-//! thread: in WAL mode readers never wait for the writer, and the point query takes
-//! microseconds, far less than a hop to the blocking pool would. The local-file checks are a
-//! few `openat`/`fstat` calls confined to the root. Only remote checks do network I/O.
+//! The hot path (a stored file) is: parse, one indexed `SELECT` with a cached prepared
+//! statement inside a read transaction that look-ups share for up to 10 ms ([`JournalReader`]),
+//! one signature. It runs inline on the calling thread: in WAL mode readers never wait for the
+//! writer, and the point query takes microseconds, far less than a hop to the blocking pool
+//! would. The local-file checks are a few `openat`/`fstat` calls confined to the root. Only
+//! remote checks do network I/O.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -257,8 +258,8 @@ pub struct Row {
 /// (a snapshot) for up to [`SNAPSHOT_SECS`]: an answer may be that much older than the last
 /// commit, which the resolver allows for (a look-up that finds neither a stored row nor the
 /// file reads again outside the snapshot). The look-up server ends an unused snapshot on a
-/// timer ([`JournalReader::end_stale_snapshot`]), so an idle server never holds the WAL back
-/// from its checkpoints.
+/// timer ([`JournalReader::end_stale_snapshot`], every 50 ms), so an idle server does not hold
+/// the WAL back from its checkpoints.
 pub struct JournalReader {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
@@ -871,8 +872,10 @@ mod tests {
         assert_eq!(p.url, "http://10.0.0.1:8090/record/d/x%2By%20%25.mp4");
         assert_eq!(p.stage, None);
         assert_eq!(p.identity.size, 3);
-        // Known to the journal and uploading: the answer says how far it got.
+        // Known to the journal and uploading: the answer says how far it got (once the
+        // look-ups' shared snapshot is newer than the commit: within SNAPSHOT_SECS).
         add(&t, b"d/x+y %.mp4", "uploading", 3, None);
+        std::thread::sleep(Duration::from_secs_f64(SNAPSHOT_SECS * 2.0));
         let Answer::Pending(p) = block_on(t.resolver.resolve(b"d/x+y%20%25.mp4", None)).unwrap()
         else {
             panic!("not pending");

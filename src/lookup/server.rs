@@ -278,10 +278,10 @@ pub fn serve(
                 }
             };
             // Ends the journal snapshot look-ups share once it is stale, so an idle server
-            // never keeps one open.
+            // keeps none open for long (busy, each look-up refreshes it when it is too old).
             let cancel = ctx.cancel.clone();
             rt.spawn(async move {
-                let every = Duration::from_secs_f64(crate::lookup::resolve::SNAPSHOT_SECS);
+                let every = Duration::from_secs_f64(crate::lookup::resolve::SNAPSHOT_SECS * 5.0);
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
