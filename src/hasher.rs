@@ -218,23 +218,7 @@ fn serve(rx: mpsc::Receiver<Job>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use md5::{Digest, Md5};
-
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
-    fn reference(d: &[u8]) -> [u8; 16] {
-        Md5::digest(d).into()
-    }
+    use crate::md5pair::tests::{data, reference};
 
     /// Many files and multipart chunks hashed at once, of every alignment, on the thread and
     /// inline: every digest is right.

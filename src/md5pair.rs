@@ -647,15 +647,17 @@ pub fn md5(data: &[u8]) -> [u8; 16] {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use md5::{Digest, Md5};
 
-    fn reference(data: &[u8]) -> [u8; 16] {
+    /// The `md-5` crate's digest, to check against.
+    pub(crate) fn reference(data: &[u8]) -> [u8; 16] {
         Md5::digest(data).into()
     }
 
-    fn data(len: usize, seed: u64) -> Vec<u8> {
+    /// Deterministic pseudo-random bytes.
+    pub(crate) fn data(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|_| {
