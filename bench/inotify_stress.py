@@ -27,13 +27,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from ports import free_port, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCESS_KEY = "record-offload-dev"
@@ -49,23 +50,6 @@ def read_sysctl(name):
 def write_sysctl(name, value):
     with open(SYSCTL + name, "w") as f:
         f.write(str(value))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def user_watches():
@@ -302,17 +286,12 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     ok = True
     try:
-        if args.part in ("overflow", "all"):
+        for name, part in (("overflow", part_overflow), ("watch-limit", part_watch_limit)):
+            if args.part not in (name, "all"):
+                continue
             base = tempfile.mkdtemp(prefix="ro-inotify-", dir=args.base)
             try:
-                ok &= part_overflow(binary, base, args)
-            finally:
-                restore()
-                shutil.rmtree(base, ignore_errors=True)
-        if args.part in ("watch-limit", "all"):
-            base = tempfile.mkdtemp(prefix="ro-inotify-", dir=args.base)
-            try:
-                ok &= part_watch_limit(binary, base, args)
+                ok &= part(binary, base, args)
             finally:
                 restore()
                 shutil.rmtree(base, ignore_errors=True)

@@ -61,7 +61,9 @@ impl Hasher {
         }
     }
 
-    /// A handle without a thread: every digest runs on the blocking pool.
+    /// A handle without a thread: every digest runs on the blocking pool (what happens when
+    /// the thread cannot be started).
+    #[cfg(test)]
     pub fn inline() -> Hasher {
         Hasher { tx: None }
     }

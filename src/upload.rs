@@ -605,8 +605,8 @@ impl Uploader {
         // returned the ETag of what it stored, and `put_object` accepted it only equal to the
         // MD5 of the file's bytes (and the body's length is the file's size). A multipart
         // object's ETag is not its MD5, so its size is checked here.
-        let mut backoff = self.backoff();
         if !single {
+            let mut backoff = self.backoff();
             loop {
                 match self.store.head(&row.key).await {
                     Ok(Some(info)) if info.size == identity.size => break,

@@ -875,6 +875,32 @@ async fn unix_socket_serves_and_is_cleaned_up() {
     assert!(!sock.exists(), "the socket file is removed on exit");
 }
 
+/// Look-ups share a journal snapshot while busy; once they stop, the server's timer ends it,
+/// so the WAL can be checkpointed and reset again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_lookup_server_does_not_hold_the_journal_back() {
+    let env = Env::new().await;
+    let d = env.start(env.config(|_| {})).await;
+    let addr = tcp_addr(&d);
+    env.write("a.mp4", b"stored");
+    env.wait_state("a.mp4", State::Deleted, T).await;
+    for _ in 0..20 {
+        assert_eq!(resolve(addr, "/record/a.mp4").await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = rusqlite::Connection::open(&env.journal_path).unwrap();
+    conn.busy_timeout(Duration::from_secs(2)).unwrap();
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        busy, 0,
+        "a reader still holds the WAL after look-ups stopped"
+    );
+    d.shutdown();
+    d.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics() {
     let env = Env::new().await;
