@@ -38,13 +38,20 @@ async fn metrics_describe_the_pipeline_and_pass_promtool() {
         .await;
     assert!(metrics::health().is_ok());
 
-    // Throttled every other request: stored after retries.
+    // Throttled until a retry has been counted, then let through: stored after retries. (A
+    // file this small is one PutObject, so "every other request" could let it through at once.)
     proxy.set(Fault::Status {
         status: 503,
         code: "SlowDown".into(),
-        every: 2,
+        every: 1,
     });
     env.write("a.mp4", &bytes(20_000, 1));
+    let start = Instant::now();
+    while !metrics::render().contains("record_offload_upload_retries_total{") {
+        assert!(start.elapsed() < T, "no retry counted:\n{}", metrics::render());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set(Fault::None);
     env.wait_state("a.mp4", State::Deleted, T).await;
     // Refused for good: failed.
     proxy.set(Fault::Status {
