@@ -1041,6 +1041,47 @@ async fn remote_check_finds_objects_the_journal_does_not_know() {
     d.wait().await;
 }
 
+/// An answer that has to wait (here a remote check against a store that answers too late) is
+/// cut at `lookup.request_timeout_secs` with a 503, while answers from the journal come at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_answers_time_out_and_others_are_not_held_up() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    let d = env
+        .start(env.config_at(&format!("http://{}", proxy.addr()), |c| {
+            c.lookup.remote_check = true;
+            c.lookup.request_timeout_secs = 0.5;
+        }))
+        .await;
+    let addr = tcp_addr(&d);
+    let data = bytes(3000, 9);
+    env.write("now/stored.mp4", &data);
+    env.wait_state("now/stored.mp4", State::Deleted, Duration::from_secs(30))
+        .await;
+    proxy.set(Fault::DelayResponse(Duration::from_secs(3)));
+    let start = std::time::Instant::now();
+    let slow = tokio::spawn(async move { resolve(addr, "/record/old/unknown.mp4").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While the remote check waits, a stored file is answered.
+    let r = resolve(addr, "/record/now/stored.mp4").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !slow.is_finished(),
+        "the stored file's answer waited for the slow one"
+    );
+    let r = slow.await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "timeout");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    proxy.set(Fault::None);
+    d.shutdown();
+    d.wait().await;
+}
+
 /// `record-offload resolve`: the same answers without the daemon, and its exit codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolve_command_answers_without_the_daemon() {

@@ -48,7 +48,11 @@ async fn metrics_describe_the_pipeline_and_pass_promtool() {
     env.write("a.mp4", &bytes(20_000, 1));
     let start = Instant::now();
     while !metrics::render().contains("record_offload_upload_retries_total{") {
-        assert!(start.elapsed() < T, "no retry counted:\n{}", metrics::render());
+        assert!(
+            start.elapsed() < T,
+            "no retry counted:\n{}",
+            metrics::render()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     proxy.set(Fault::None);
