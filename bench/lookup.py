@@ -11,7 +11,9 @@ runs against:
   302       GET /record/<random existing path>                     (the drop-in route)
   nginx     the same requests to nginx, which answers every one with a fixed 302
 
-and prints req/s and p99 for each, and each route's ratio to nginx.
+and prints req/s and p99 for each, and each route's ratio to nginx. The daemon answers stored
+files from its in-memory look-up index, which it builds in the background after start: the
+benchmark waits for it (`--index-max-rows 0` turns it off, so that look-ups read the journal).
 
     apt-get install -y wrk nginx-light     # Debian
     bench/lookup.py                        # 1,000,000 rows, wrk -t1 -c32 -d10s
@@ -127,6 +129,23 @@ def wrk(port, script, args):
     return rps, p99, errors
 
 
+def wait_index(port, rows, timeout=300):
+    """Waits until the daemon answers stored files from its in-memory index (its build runs
+    in the background after start; until then look-ups read the journal)."""
+    deadline = time.time() + timeout
+    entries = 0
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("record_offload_lookup_index_entries "):
+                    entries = int(float(line.split()[1]))
+        if entries >= rows:
+            return entries
+        time.sleep(0.2)
+    print(f"warning: the look-up index holds {entries} of {rows} rows", file=sys.stderr)
+    return entries
+
+
 def to_ms(s):
     for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if s.endswith(unit):
@@ -143,6 +162,8 @@ def main():
     ap.add_argument("--style", default="s3v4", help="lookup.presign_style")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed after)")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--index-max-rows", type=int, default=None,
+                    help="lookup.index_max_rows (0: look-ups read the journal)")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
@@ -184,7 +205,7 @@ retry_initial_secs = 60
 [lookup]
 listen = ["127.0.0.1:{port}"]
 presign_style = "{args.style}"
-{extra or 'public_base_url = "https://recordings.oss-cn-hangzhou.aliyuncs.com"' + chr(10)}[log]
+{'' if args.index_max_rows is None else f'index_max_rows = {args.index_max_rows}' + chr(10)}{extra or 'public_base_url = "https://recordings.oss-cn-hangzhou.aliyuncs.com"' + chr(10)}[log]
 level = "warn"
 """)
     daemon = nginx = None
@@ -200,6 +221,10 @@ level = "warn"
 
         daemon = subprocess.Popen([binary, "--config", config, "run"])
         wait_port(port, daemon)
+        if args.index_max_rows != 0:
+            t = time.time()
+            entries = wait_index(port, min(args.rows, args.index_max_rows or args.rows))
+            print(f"look-up index: {entries} entries after {time.time() - t:.1f} s", file=sys.stderr)
         nginx_dir = os.path.join(work, "nginx")
         os.makedirs(nginx_dir, exist_ok=True)
         with open(os.path.join(nginx_dir, "nginx.conf"), "w") as f:
@@ -249,8 +274,10 @@ http {{
             results[name] = wrk(target_port, script, args)
 
         nrps = results["nginx"][0]
+        index = "off" if args.index_max_rows == 0 else "on"
         print(f"\nwrk -t{args.threads} -c{args.connections} -d{args.duration}s, {args.rows} journal rows, "
-              f"presign_style {args.style}, {os.cpu_count()} CPUs shared by client and server")
+              f"presign_style {args.style}, look-up index {index}, "
+              f"{os.cpu_count()} CPUs shared by client and server")
         print(f"{'target':<10} {'req/s':>10} {'p99 ms':>8} {'errors':>7} {'x nginx':>8}")
         for name, (rps, p99, errors) in results.items():
             print(f"{name:<10} {rps:>10.0f} {p99:>8.2f} {errors:>7} {rps / nrps:>8.2f}")

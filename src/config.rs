@@ -252,6 +252,8 @@ pub struct LookupConfig {
     /// Client networks allowed to use the look-up server (CIDR or address); empty: all.
     pub allow: Vec<String>,
     pub auth: LookupAuthConfig,
+    /// Stored files kept in memory for look-ups (about 40 bytes each); 0: read the journal.
+    pub index_max_rows: usize,
 }
 
 impl Default for LookupConfig {
@@ -274,6 +276,7 @@ impl Default for LookupConfig {
             max_connections: 1024,
             allow: Vec::new(),
             auth: LookupAuthConfig::default(),
+            index_max_rows: 2_000_000,
         }
     }
 }

@@ -320,6 +320,10 @@ impl Daemon {
         )
         .map_err(DaemonError::from)
         .and_then(|resolver| {
+            let max_rows = settings.config.lookup.index_max_rows;
+            if max_rows > 0 {
+                resolver.enable_index(max_rows);
+            }
             lookup_server::serve(
                 bound,
                 Arc::new(resolver),

@@ -86,7 +86,17 @@ impl KeyTemplate {
 
     /// The key for `rel` (relative to the watch root) on `node`.
     pub fn render(&self, node: &str, rel: &Path) -> Result<String, String> {
-        let mut key = String::new();
+        let path_len = rel.as_os_str().len();
+        let mut key = String::with_capacity(
+            self.pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Lit(s) => s.len(),
+                    Piece::Node => node.len(),
+                    Piece::Path => path_len,
+                })
+                .sum(),
+        );
         for piece in &self.pieces {
             match piece {
                 Piece::Lit(s) => key.push_str(s),

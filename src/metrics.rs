@@ -19,6 +19,7 @@
 //! | `record_offload_upload_retries_total` | counter | `reason` |
 //! | `record_offload_upload_failures_total` | counter | `reason` |
 //! | `record_offload_lookups_total` | counter | `answer` |
+//! | `record_offload_lookup_index_entries` | gauge | |
 //! | `record_offload_watch_root_free_bytes`, `..._size_bytes` | gauge | |
 //! | `record_offload_stage_heartbeat_age_seconds` | gauge | `stage` |
 //! | `record_offload_healthy` | gauge | |
@@ -65,6 +66,7 @@ struct Metrics {
     lookups: IntCounterVec,
     /// `lookups` for each of [`LOOKUP_ANSWERS`], resolved once (look-ups are the hot path).
     lookup_known: Vec<prometheus::IntCounter>,
+    lookup_index: IntGauge,
     disk_free: IntGauge,
     disk_size: IntGauge,
     heartbeat_age: prometheus::GaugeVec,
@@ -119,6 +121,10 @@ impl Metrics {
             Opts::new("lookups_total", "Look-ups answered, by answer."),
             &["answer"],
         )?;
+        let lookup_index = IntGauge::new(
+            "lookup_index_entries",
+            "Stored files the look-up server answers from memory (0 while the index is built or off).",
+        )?;
         let disk_free = IntGauge::new(
             "watch_root_free_bytes",
             "Space available to unprivileged users on the watch root's file system.",
@@ -154,6 +160,7 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(lookup_index.clone()))?;
         registry.register(Box::new(disk_free.clone()))?;
         registry.register(Box::new(disk_size.clone()))?;
         registry.register(Box::new(heartbeat_age.clone()))?;
@@ -170,6 +177,7 @@ impl Metrics {
             failures,
             lookups,
             lookup_known,
+            lookup_index,
             disk_free,
             disk_size,
             heartbeat_age,
@@ -230,6 +238,11 @@ pub fn lookup(answer: &str) {
             None => m.lookups.with_label_values(&[&label(answer)]).inc(),
         }
     });
+}
+
+/// Entries of the look-up index in use (0: being built, or off).
+pub fn lookup_index_entries(n: usize) {
+    with(|m| m.lookup_index.set(i64::try_from(n).unwrap_or(i64::MAX)));
 }
 
 /// A file stored and checked: its size and how long it took.

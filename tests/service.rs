@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::harness::*;
 use record_offload::config::Config;
 use record_offload::devserver::SECRET_KEY;
+use record_offload::journal::State;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -459,4 +460,106 @@ fn help_explains_every_command() {
         text.contains("--dry-run") && text.contains("settle_secs"),
         "{text}"
     );
+}
+
+/// `GET PATH` over the Unix look-up socket: (status, body).
+fn unix_get(sock: &Path, path: &str) -> (u16, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("look-up socket");
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{answer}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The real daemon answers stored files from its look-up index (its metric counts them), and a
+/// new recording at a stored path is answered as pending once the journal re-queued it, never
+/// with the stored object's old URL and MD5; once stored again, with the new MD5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lookup_index_follows_a_path_recorded_again() {
+    let env = Env::new().await;
+    let proxy = common::proxy::FaultProxy::start(env.server.addr)
+        .await
+        .unwrap();
+    let lookup = env.dir.path().join("lookup.sock");
+    let cfg = env.config_file_at(&format!("http://{}", proxy.addr()), |c| {
+        c.watch.settle_secs = 0.1;
+        c.storage.access_key_secret = String::new();
+        c.upload.drain_secs = 1.0;
+        c.upload.retry_initial_secs = 0.05;
+        c.upload.retry_max_secs = 0.2;
+        c.lookup.listen = vec![format!("unix:{}", lookup.display())];
+    });
+    let sock = env.dir.path().join("notify.sock");
+    let notes = Notes::listen(&sock);
+    let mut child = spawn(&cfg, &sock, &[], &env.dir.path().join("daemon.log"));
+    notes.wait_for("READY=1", |l| l == "READY=1").await;
+    let resolve = || {
+        let (status, body) = unix_get(&lookup, "/v1/resolve?path=a.mp4");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (status, json)
+    };
+    let index_entries = || {
+        let (_, text) = unix_get(&lookup, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("record_offload_lookup_index_entries "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no index gauge in\n{text}"))
+    };
+
+    let first = bytes(4000, 1);
+    env.write("a.mp4", &first);
+    env.wait_state("a.mp4", State::Deleted, T).await;
+    // Learnt by the first look-up; the gauge is brought up to date when the next look-up's
+    // snapshot begins.
+    wait_until("the index holds the stored file", T, || {
+        let (status, json) = resolve();
+        assert_eq!(
+            (status, json["md5"].as_str()),
+            (200, Some(md5_hex(&first).as_str()))
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        index_entries() == 1
+    })
+    .await;
+
+    // Recorded again while the store is down: the row stays out of the stored state.
+    proxy.set(common::proxy::Fault::Down);
+    let second = bytes(5000, 2);
+    env.write("a.mp4", &second);
+    wait_until("the journal re-queued a.mp4", T, || {
+        env.state("a.mp4").is_some_and(|s| !s.is_stored())
+    })
+    .await;
+    // Look-ups share a snapshot for at most 10 ms.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (status, json) = resolve();
+    assert_eq!(
+        (status, json["state"].as_str()),
+        (200, Some("pending")),
+        "{json}"
+    );
+    assert_eq!(json["size"], 5000);
+    assert_eq!(index_entries(), 0);
+
+    proxy.set(common::proxy::Fault::None);
+    env.wait_state("a.mp4", State::Deleted, T).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (status, json) = resolve();
+    assert_eq!(
+        (status, json["md5"].as_str()),
+        (200, Some(md5_hex(&second).as_str()))
+    );
+    assert!(terminate(&mut child).success());
 }

@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use super::JournalError;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 1: files and their multipart parts.
@@ -58,6 +58,29 @@ const MIGRATIONS: &[&str] = &[
         v INTEGER NOT NULL
     ) WITHOUT ROWID;
     INSERT INTO meta (k, v) VALUES ('barrier', 0);
+    "#,
+    // 3: the log of paths whose stored row went away or changed, which the look-up index
+    // (src/lookup/index.rs) follows; kept to its last 10,000 entries. Triggers, so that every
+    // writer appends to it: the daemon, `import`, or someone with sqlite3.
+    r#"
+    CREATE TABLE unstored (
+        seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+        path BLOB NOT NULL
+    );
+    CREATE TRIGGER files_unstored_update AFTER UPDATE OF state, path, key, size, md5 ON files
+    WHEN old.state IN ('uploaded', 'deleted')
+     AND (new.state NOT IN ('uploaded', 'deleted') OR new.path IS NOT old.path
+          OR new.key IS NOT old.key OR new.size IS NOT old.size OR new.md5 IS NOT old.md5)
+    BEGIN
+        INSERT INTO unstored (path) VALUES (old.path);
+        DELETE FROM unstored WHERE seq <= (SELECT MAX(seq) FROM unstored) - 10000;
+    END;
+    CREATE TRIGGER files_unstored_delete AFTER DELETE ON files
+    WHEN old.state IN ('uploaded', 'deleted')
+    BEGIN
+        INSERT INTO unstored (path) VALUES (old.path);
+        DELETE FROM unstored WHERE seq <= (SELECT MAX(seq) FROM unstored) - 10000;
+    END;
     "#,
 ];
 

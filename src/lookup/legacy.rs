@@ -42,8 +42,8 @@
 //! onto `watch.root` cannot leave the root. Whether the file exists, is a symlink, or is
 //! excluded is for the caller to decide.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 /// Longest input accepted, in bytes (Linux `PATH_MAX`).
@@ -130,40 +130,53 @@ pub fn parse_legacy(input: &[u8], legacy_prefix: &str) -> Result<Legacy, BadPath
     let decoded = percent_decode(path)?;
     let absolute = decoded.first() == Some(&b'/');
 
-    let mut segments = Vec::new();
+    // One pass over the segments: every one is checked, an absolute path's first ones must be
+    // the prefix's, the rest are joined into `rel`. Malformed segments are reported before a
+    // prefix mismatch, wherever they are.
+    let mut prefix = legacy_prefix
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .map(str::as_bytes);
+    let mut expected = if absolute { prefix.next() } else { None };
+    let mut outside = false;
+    let mut rel = Vec::with_capacity(decoded.len());
     for segment in decoded.split(|&b| b == b'/') {
         match segment {
-            b"" | b"." => {}
+            b"" | b"." => continue,
             b".." => return Err(BadPath::DotDot),
             _ if segment.len() > MAX_COMPONENT_LEN => {
                 return Err(BadPath::ComponentTooLong { len: segment.len() });
             }
-            _ => segments.push(segment),
+            _ => {}
         }
-    }
-
-    let mut rest: &[&[u8]] = &segments;
-    if absolute {
-        let mut prefix = legacy_prefix
-            .split('/')
-            .filter(|s| !s.is_empty() && *s != ".");
-        for expected in prefix.by_ref() {
-            match rest.split_first() {
-                Some((first, tail)) if *first == expected.as_bytes() => rest = tail,
-                _ => {
-                    return Err(BadPath::OutsidePrefix {
-                        prefix: legacy_prefix.to_owned(),
-                    });
-                }
+        if outside {
+            continue;
+        }
+        if let Some(want) = expected {
+            if segment == want {
+                expected = prefix.next();
+            } else {
+                outside = true;
             }
+            continue;
         }
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(segment);
     }
-    if rest.is_empty() {
+    if outside || expected.is_some() {
+        return Err(BadPath::OutsidePrefix {
+            prefix: legacy_prefix.to_owned(),
+        });
+    }
+    if rel.is_empty() {
         return Err(BadPath::Empty);
     }
-
-    let rel: PathBuf = rest.iter().map(|s| OsStr::from_bytes(s)).collect();
-    Ok(Legacy { host, rel })
+    Ok(Legacy {
+        host,
+        rel: PathBuf::from(OsString::from_vec(rel)),
+    })
 }
 
 /// If `input` starts with `scheme://`, the part after `://`.
@@ -322,7 +335,112 @@ pub fn check_invariants(result: &Result<Legacy, BadPath>) -> Result<(), String> 
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
     use std::path::Path;
+
+    /// The segment handling as first written (a vector of segments, then the prefix): the
+    /// one-pass version must agree with it on every input.
+    fn reference(input: &[u8], legacy_prefix: &str) -> Result<Legacy, BadPath> {
+        if input.len() > MAX_INPUT_LEN {
+            return Err(BadPath::TooLong { len: input.len() });
+        }
+        if input.contains(&0) {
+            return Err(BadPath::Nul);
+        }
+        let (host, target) = match after_scheme(input) {
+            Some(rest) => split_authority(rest)?,
+            None => (None, input),
+        };
+        let path = match target.iter().position(|&b| b == b'?' || b == b'#') {
+            Some(end) => &target[..end],
+            None => target,
+        };
+        let decoded = percent_decode(path)?;
+        let absolute = decoded.first() == Some(&b'/');
+        let mut segments = Vec::new();
+        for segment in decoded.split(|&b| b == b'/') {
+            match segment {
+                b"" | b"." => {}
+                b".." => return Err(BadPath::DotDot),
+                _ if segment.len() > MAX_COMPONENT_LEN => {
+                    return Err(BadPath::ComponentTooLong { len: segment.len() });
+                }
+                _ => segments.push(segment),
+            }
+        }
+        let mut rest: &[&[u8]] = &segments;
+        if absolute {
+            for expected in legacy_prefix
+                .split('/')
+                .filter(|s| !s.is_empty() && *s != ".")
+            {
+                match rest.split_first() {
+                    Some((first, tail)) if *first == expected.as_bytes() => rest = tail,
+                    _ => {
+                        return Err(BadPath::OutsidePrefix {
+                            prefix: legacy_prefix.to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+        if rest.is_empty() {
+            return Err(BadPath::Empty);
+        }
+        let rel: PathBuf = rest.iter().map(|s| OsStr::from_bytes(s)).collect();
+        Ok(Legacy { host, rel })
+    }
+
+    #[test]
+    fn one_pass_agrees_with_the_reference() {
+        let alphabet: &[&[u8]] = &[
+            b"/",
+            b"/",
+            b"/",
+            b".",
+            b"..",
+            b"%2e",
+            b"%2E",
+            b"%2f",
+            b"%",
+            b"%zz",
+            b"record",
+            b"rec",
+            b"a",
+            b"b c",
+            b"\xff",
+            b"?",
+            b"#",
+            b"http://h",
+            b"://",
+            b"@",
+            b":80",
+            b"%00",
+            b"\0",
+            b"x".repeat(300).leak(),
+        ];
+        let prefixes = ["/record", "/", "", "/a/./b", "record/"];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            let mut input = Vec::new();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for _ in 0..(x % 9) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                input.extend_from_slice(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            let prefix = prefixes[(x >> 40) as usize % prefixes.len()];
+            assert_eq!(
+                parse_legacy(&input, prefix),
+                reference(&input, prefix),
+                "{:?} under {prefix:?}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
 
     fn ok(input: &str) -> Legacy {
         ok_bytes(input.as_bytes(), "/record")

@@ -9,10 +9,12 @@
 //! - [`resolve`] decides the answer for one input (stored → signed URL, only local → this
 //!   agent's URL, another node's → that node, else not found); the HTTP server and
 //!   `record-offload resolve` share it.
+//! - [`index`] keeps the stored files in memory, so that their look-ups need no journal read.
 //! - [`auth`] checks who may ask: the `lookup.allow` networks and signed requests.
 //! - [`range`] reads `Range` headers for local files.
 //! - [`server`] is the HTTP server on every `lookup.listen` address: limits, routes, answers.
 pub mod auth;
+pub mod index;
 pub mod legacy;
 pub mod range;
 pub mod resolve;

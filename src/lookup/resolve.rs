@@ -50,6 +50,7 @@ use crate::config::{ListenAddr, Settings, normalize_host};
 use crate::fsutil::{Identity, Root};
 use crate::journal::{JournalError, State};
 use crate::keys::KeyTemplate;
+use crate::lookup::index::{Entry, KeyRule, LookupIndex, StoredRow};
 use crate::lookup::legacy::{BadPath, parse_legacy};
 use crate::lookup::sign::SignError;
 use crate::lookup::signer::{Signed, Signer};
@@ -186,14 +187,8 @@ impl Answer {
     /// The JSON body of the answer. `elsewhere_url` is the URL a 307 sends the client to.
     pub fn to_json(&self, elsewhere_url: Option<&str>) -> Vec<u8> {
         let out = match self {
-            Answer::Stored(s) => serde_json::to_vec(&StoredJson {
-                state: "uploaded",
-                url: &s.signed.url,
-                expires_at: s.signed.expires_at(),
-                key: &s.key,
-                size: s.size,
-                md5: s.md5.as_deref(),
-            }),
+            // The hot path, written directly (the same text serde_json gives for StoredJson).
+            Answer::Stored(s) => return stored_json(s),
             Answer::Pending(p) => serde_json::to_vec(&PendingJson {
                 state: "pending",
                 url: &p.url,
@@ -212,6 +207,41 @@ impl Answer {
     }
 }
 
+/// `{"state":"uploaded","url":…,"expires_at":…,"key":…,"size":N,"md5":…}`.
+fn stored_json(s: &Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.signed.url.len() + s.key.len() + 160);
+    out.extend_from_slice(br#"{"state":"uploaded","url":"#);
+    json_str(&mut out, &s.signed.url);
+    out.extend_from_slice(br#","expires_at":""#);
+    out.extend_from_slice(&crate::lookup::sign::rfc3339(s.signed.expires_unix));
+    out.extend_from_slice(br#"","key":"#);
+    json_str(&mut out, &s.key);
+    out.extend_from_slice(br#","size":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(s.size).as_bytes());
+    out.extend_from_slice(br#","md5":"#);
+    match &s.md5 {
+        Some(m) => json_str(&mut out, m),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    out
+}
+
+/// Appends `s` as a JSON string. URLs and most keys need no escape and are copied whole; the
+/// others go through serde_json.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// The Stored answer as serde_json would write it (the reference for [`stored_json`]).
+#[cfg(test)]
 #[derive(Serialize)]
 struct StoredJson<'a> {
     state: &'static str,
@@ -251,6 +281,14 @@ pub struct Row {
     pub bytes_sent: u64,
 }
 
+/// What a look-up found in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Stored under the key the template gives for the path ([`crate::lookup::index`]).
+    Indexed(Entry),
+    Row(Row),
+}
+
 /// Read-only journal connections, pooled, used on the calling thread.
 ///
 /// Starting a read transaction costs SQLite two `fcntl` locks and an `fstat` — about as much
@@ -258,13 +296,23 @@ pub struct Row {
 /// (a snapshot) for up to [`SNAPSHOT_SECS`]: an answer may be that much older than the last
 /// commit, which the resolver allows for (a look-up that finds neither a stored row nor the
 /// file reads again outside the snapshot). The look-up server ends an unused snapshot on a
-/// timer ([`JournalReader::end_stale_snapshot`], every 50 ms), so an idle server does not hold
+/// timer ([`JournalReader::maintain`], every 50 ms), so an idle server does not hold
 /// the WAL back from its checkpoints.
+///
+/// With [`JournalReader::enable_index`], stored files are found in memory
+/// ([`crate::lookup::index`]), kept current each time a snapshot begins.
 pub struct JournalReader {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    shared: Mutex<Shared>,
+}
+
+/// What look-ups share, under one lock: the snapshot and the index kept current with it.
+#[derive(Default)]
+struct Shared {
     /// A connection inside a read transaction, and when that began.
-    snapshot: Mutex<Option<(Connection, Instant)>>,
+    snapshot: Option<(Connection, Instant)>,
+    index: Option<LookupIndex>,
 }
 
 impl JournalReader {
@@ -273,7 +321,7 @@ impl JournalReader {
         let reader = JournalReader {
             path: path.to_path_buf(),
             pool: Mutex::new(Vec::new()),
-            snapshot: Mutex::new(None),
+            shared: Mutex::new(Shared::default()),
         };
         let conn = reader.open()?;
         reader.put(conn);
@@ -297,41 +345,118 @@ impl JournalReader {
         }
     }
 
-    /// The row of `rel`, if any, as of the shared snapshot (at most [`SNAPSHOT_SECS`] old).
-    pub fn row(&self, rel: &Path) -> Result<Option<Row>, JournalError> {
+    /// Keeps stored files of at most `max_rows` rows in memory (see [`crate::lookup::index`]);
+    /// the build starts now, in a thread of its own.
+    pub fn enable_index(&self, rule: KeyRule, max_rows: usize) {
+        if let Ok(mut shared) = self.shared.lock() {
+            let mut index = LookupIndex::new(&self.path, rule, max_rows);
+            index.start();
+            shared.index = Some(index);
+        }
+    }
+
+    /// Entries in the look-up index, `None` while it is off or being built.
+    pub fn index_len(&self) -> Option<usize> {
+        let shared = self.shared.lock().ok()?;
+        shared
+            .index
+            .as_ref()
+            .filter(|i| i.is_live())
+            .map(|i| i.len())
+    }
+
+    /// What the journal holds for `rel`, as of the shared snapshot (at most [`SNAPSHOT_SECS`]
+    /// old).
+    pub fn find(&self, rel: &Path) -> Result<Option<Found>, JournalError> {
         // Another thread using the snapshot right now: read on a connection of its own.
-        let Ok(mut slot) = self.snapshot.try_lock() else {
-            return self.row_fresh(rel);
+        let Ok(mut shared) = self.shared.try_lock() else {
+            return Ok(self.row_fresh(rel)?.map(Found::Row));
         };
+        let shared = &mut *shared;
         let max_age = Duration::from_secs_f64(SNAPSHOT_SECS);
-        if slot.as_ref().is_some_and(|(_, at)| at.elapsed() >= max_age)
-            && let Some((conn, _)) = slot.take()
+        if shared
+            .snapshot
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() >= max_age)
+            && let Some((conn, _)) = shared.snapshot.take()
         {
             self.end(conn);
         }
-        if slot.is_none() {
+        if shared.snapshot.is_none() {
             let conn = self.take()?;
             conn.execute_batch("BEGIN")?;
-            *slot = Some((conn, Instant::now()));
+            // The snapshot begins with the index's catch-up read, so the index agrees with it.
+            if let Some(index) = &mut shared.index {
+                index.refresh(&conn);
+            }
+            shared.snapshot = Some((conn, Instant::now()));
         }
-        let Some((conn, _)) = slot.as_ref() else {
-            return self.row_fresh(rel);
+        if let Some(entry) = shared.index.as_ref().and_then(|i| i.get(rel)) {
+            return Ok(Some(Found::Indexed(entry)));
+        }
+        let Some((conn, _)) = shared.snapshot.as_ref() else {
+            return Ok(self.row_fresh(rel)?.map(Found::Row));
         };
         let out = query_row(conn, rel);
-        if out.is_err() {
+        match &out {
+            Ok(Some(row)) if row.state.is_stored() => {
+                if let Some(index) = &mut shared.index {
+                    index.learn(StoredRow {
+                        path: rel.as_os_str().as_bytes(),
+                        key: &row.key,
+                        size: i64::try_from(row.size).unwrap_or(-1),
+                        md5: row.md5.as_deref(),
+                    });
+                }
+            }
+            Ok(_) => {}
             // Dropped (its transaction with it) rather than reused.
-            slot.take();
+            Err(_) => shared.snapshot = None,
         }
-        out
+        Ok(out?.map(Found::Row))
+    }
+
+    /// The row of `rel`, if any, as of the shared snapshot, without the index.
+    pub fn row(&self, rel: &Path) -> Result<Option<Row>, JournalError> {
+        match self.find(rel)? {
+            Some(Found::Row(row)) => Ok(Some(row)),
+            _ => self.row_fresh(rel),
+        }
     }
 
     /// Ends the shared snapshot if it is older than [`SNAPSHOT_SECS`].
     pub fn end_stale_snapshot(&self) {
         let max_age = Duration::from_secs_f64(SNAPSHOT_SECS);
-        if let Ok(mut slot) = self.snapshot.lock()
-            && slot.as_ref().is_some_and(|(_, at)| at.elapsed() >= max_age)
-            && let Some((conn, _)) = slot.take()
+        if let Ok(mut shared) = self.shared.lock()
+            && shared
+                .snapshot
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() >= max_age)
+            && let Some((conn, _)) = shared.snapshot.take()
         {
+            self.end(conn);
+        }
+    }
+
+    /// Called on a timer: ends a stale snapshot, and while the index is being built, looks
+    /// for the finished build in a short snapshot of its own, so that an idle server starts
+    /// using it (and reports it in the metrics) without waiting for a look-up.
+    pub fn maintain(&self) {
+        self.end_stale_snapshot();
+        let Ok(mut shared) = self.shared.lock() else {
+            return;
+        };
+        let shared = &mut *shared;
+        if shared.snapshot.is_some() {
+            return;
+        }
+        let Some(index) = shared.index.as_mut().filter(|i| i.is_building()) else {
+            return;
+        };
+        if let Ok(conn) = self.take()
+            && conn.execute_batch("BEGIN").is_ok()
+        {
+            index.refresh(&conn);
             self.end(conn);
         }
     }
@@ -592,30 +717,63 @@ impl Resolver {
         Err(LookupError::NotFound)
     }
 
-    /// Ends the journal snapshot look-ups share once it is too old to use (the look-up server
-    /// calls this on a timer).
-    pub fn end_stale_snapshot(&self) {
-        self.journal.end_stale_snapshot();
+    /// Answers stored files from memory (see [`crate::lookup::index`]), at most `max_rows`
+    /// of them.
+    pub fn enable_index(&self, max_rows: usize) {
+        self.journal.enable_index(
+            KeyRule {
+                template: self.template.clone(),
+                node: self.node.clone(),
+            },
+            max_rows,
+        );
+    }
+
+    /// Entries in the look-up index, `None` while it is off or being built.
+    pub fn index_len(&self) -> Option<usize> {
+        self.journal.index_len()
+    }
+
+    /// The look-up server's timer: ends the journal snapshot look-ups share once it is too
+    /// old to use, and puts a freshly built index to use (see [`JournalReader::maintain`]).
+    pub fn maintain(&self) {
+        self.journal.maintain();
     }
 
     /// Resolves from the journal and the local disk only. `None`: nothing found this time.
     fn resolve_local(&self, rel: &Path, fresh: bool) -> Result<Option<Answer>, LookupError> {
-        let row = if fresh {
-            self.journal.row_fresh(rel)?
+        let found = if fresh {
+            self.journal.row_fresh(rel)?.map(Found::Row)
         } else {
-            self.journal.row(rel)?
+            self.journal.find(rel)?
         };
-        if let Some(row) = &row
-            && row.state.is_stored()
-        {
-            let signed = self.signer.sign(&row.key, now_unix())?;
-            return Ok(Some(Answer::Stored(Stored {
-                signed,
-                key: row.key.clone(),
-                size: row.size,
-                md5: row.md5.clone(),
-            })));
-        }
+        let row = match found {
+            Some(Found::Indexed(entry)) => {
+                // Indexed only when the row's key is exactly this rendering.
+                let key = self
+                    .template
+                    .render(&self.node, rel)
+                    .map_err(|_| LookupError::NotFound)?;
+                let signed = self.signer.sign(&key, now_unix())?;
+                return Ok(Some(Answer::Stored(Stored {
+                    signed,
+                    key,
+                    size: entry.size,
+                    md5: Some(hex_md5(&entry.md5)),
+                })));
+            }
+            Some(Found::Row(row)) if row.state.is_stored() => {
+                let signed = self.signer.sign(&row.key, now_unix())?;
+                return Ok(Some(Answer::Stored(Stored {
+                    signed,
+                    key: row.key,
+                    size: row.size,
+                    md5: row.md5,
+                })));
+            }
+            Some(Found::Row(row)) => Some(row),
+            None => None,
+        };
         if !self.filter.file_matches(rel) {
             return Ok(None);
         }
@@ -691,6 +849,17 @@ impl Resolver {
         self.cache.put(key.to_string(), remote.clone());
         Ok(remote)
     }
+}
+
+/// Lower-case hex of an MD5.
+fn hex_md5(md5: &[u8; 16]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(32);
+    for &b in md5 {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`.
@@ -963,6 +1132,222 @@ mod tests {
             block_on(t.resolver.resolve(b"http://10.0.0.1/record/a.mp4", None)),
             Err(LookupError::NotFound)
         ));
+    }
+
+    /// Waits until the look-up index is in use with `n` entries (look-ups adopt a finished
+    /// build when their snapshot begins).
+    fn wait_index(t: &T, n: usize) {
+        let start = Instant::now();
+        while t.resolver.index_len() != Some(n) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "index: {:?}, expected {n}",
+                t.resolver.index_len()
+            );
+            t.resolver.journal.find(Path::new("-")).unwrap();
+            std::thread::sleep(Duration::from_secs_f64(SNAPSHOT_SECS * 2.0));
+        }
+    }
+
+    /// The stored answer for `rel`: (key, md5).
+    fn stored(t: &T, rel: &str) -> Option<(String, Option<String>)> {
+        match block_on(t.resolver.resolve(rel.as_bytes(), None)) {
+            Ok(Answer::Stored(s)) => Some((s.key, s.md5)),
+            _ => None,
+        }
+    }
+
+    /// Each commit is seen by the next snapshot (at most `SNAPSHOT_SECS` later).
+    fn next_snapshot() {
+        std::thread::sleep(Duration::from_secs_f64(SNAPSHOT_SECS * 2.0));
+    }
+
+    const MD5_A: &str = "00112233445566778899aabbccddeeff";
+    const MD5_B: &str = "ffeeddccbbaa99887766554433221100";
+
+    /// The index answers stored files with the journal's key, size and MD5, learns files
+    /// stored later, and never answers for a file whose row left the stored state (a new
+    /// recording at the same path), whoever changed the row.
+    #[test]
+    fn indexed_answers_follow_the_journal() {
+        let t = setup(|_| {});
+        add(&t, b"a.mp4", "deleted", 10, Some(MD5_A));
+        // Stored under another key (an older template): answered from the journal.
+        add(&t, b"old.mp4", "deleted", 10, Some(MD5_A));
+        t.conn
+            .execute(
+                "UPDATE files SET key = 'elsewhere/old.mp4' WHERE path = X'6F6C642E6D7034'",
+                [],
+            )
+            .unwrap();
+        add(&t, b"c.mp4", "queued", 3, None);
+        std::fs::write(t.root.join("c.mp4"), b"abc").unwrap();
+        t.resolver.enable_index(100);
+        wait_index(&t, 1);
+        assert_eq!(
+            stored(&t, "a.mp4"),
+            Some(("n1/a.mp4".into(), Some(MD5_A.into())))
+        );
+        assert_eq!(
+            stored(&t, "old.mp4"),
+            Some(("elsewhere/old.mp4".into(), Some(MD5_A.into())))
+        );
+        assert_eq!(t.resolver.index_len(), Some(1));
+        assert!(matches!(
+            block_on(t.resolver.resolve(b"c.mp4", None)),
+            Ok(Answer::Pending(_))
+        ));
+
+        // A new recording at a stored path: the row is queued again, the file is local.
+        std::fs::write(t.root.join("a.mp4"), b"new").unwrap();
+        let id = Identity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 2,
+        };
+        journal::intake(&t.conn, Path::new("a.mp4"), "n1/a.mp4", &id, true).unwrap();
+        next_snapshot();
+        assert!(matches!(
+            block_on(t.resolver.resolve(b"a.mp4", None)),
+            Ok(Answer::Pending(_))
+        ));
+        assert_eq!(t.resolver.index_len(), Some(0));
+        // Stored again with other bytes: learnt from the journal, then answered from memory.
+        t.conn
+            .execute(
+                "UPDATE files SET state = 'uploaded', md5 = ?1, size = 3 WHERE path = X'612E6D7034'",
+                [MD5_B],
+            )
+            .unwrap();
+        next_snapshot();
+        for _ in 0..2 {
+            assert_eq!(
+                stored(&t, "a.mp4"),
+                Some(("n1/a.mp4".into(), Some(MD5_B.into())))
+            );
+        }
+        t.conn
+            .execute(
+                "UPDATE files SET state = 'deleted' WHERE path = X'632E6D7034'",
+                [],
+            )
+            .unwrap();
+        t.conn
+            .execute(
+                "UPDATE files SET md5 = ?1 WHERE path = X'632E6D7034'",
+                [MD5_A],
+            )
+            .unwrap();
+        next_snapshot();
+        assert_eq!(
+            stored(&t, "c.mp4"),
+            Some(("n1/c.mp4".into(), Some(MD5_A.into())))
+        );
+        assert_eq!(t.resolver.index_len(), Some(2));
+        // A row removed by hand is forgotten too.
+        t.conn
+            .execute("DELETE FROM files WHERE path = X'632E6D7034'", [])
+            .unwrap();
+        next_snapshot();
+        assert_eq!(stored(&t, "c.mp4"), None);
+        assert_eq!(t.resolver.index_len(), Some(1));
+    }
+
+    /// When more rows left the stored state than the journal's log keeps, the index cannot
+    /// know which: it is dropped (look-ups read the journal) and built again.
+    #[test]
+    fn an_index_that_fell_behind_is_built_again() {
+        let t = setup(|_| {});
+        add(&t, b"a.mp4", "deleted", 10, Some(MD5_A));
+        add(&t, b"z.mp4", "deleted", 10, Some(MD5_A));
+        t.resolver.enable_index(100);
+        wait_index(&t, 2);
+        // a.mp4 leaves the stored state first, then z.mp4 flips often enough to push that
+        // entry out of the log.
+        t.conn
+            .execute(
+                "UPDATE files SET state = 'queued' WHERE path = X'612E6D7034'",
+                [],
+            )
+            .unwrap();
+        t.conn
+            .execute_batch(&format!(
+                "BEGIN; {} COMMIT;",
+                "UPDATE files SET state = 'queued' WHERE path = X'7A2E6D7034';
+                 UPDATE files SET state = 'deleted' WHERE path = X'7A2E6D7034';"
+                    .repeat(crate::lookup::index::LOG_KEPT as usize)
+            ))
+            .unwrap();
+        let kept: i64 = t
+            .conn
+            .query_row("SELECT COUNT(*) FROM unstored", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, crate::lookup::index::LOG_KEPT);
+        next_snapshot();
+        assert_eq!(stored(&t, "a.mp4"), None);
+        assert_eq!(
+            stored(&t, "z.mp4"),
+            Some(("n1/z.mp4".into(), Some(MD5_A.into())))
+        );
+        wait_index(&t, 1);
+        assert_eq!(stored(&t, "a.mp4"), None);
+    }
+
+    /// At its cap the index holds no more; the rest is answered from the journal.
+    #[test]
+    fn the_index_keeps_to_its_cap() {
+        let t = setup(|_| {});
+        for name in ["a.mp4", "b.mp4", "c.mp4"] {
+            add(&t, name.as_bytes(), "deleted", 10, Some(MD5_A));
+        }
+        t.resolver.enable_index(2);
+        wait_index(&t, 2);
+        for name in ["a.mp4", "b.mp4", "c.mp4"] {
+            assert_eq!(
+                stored(&t, name),
+                Some((format!("n1/{name}"), Some(MD5_A.into())))
+            );
+        }
+        assert_eq!(t.resolver.index_len(), Some(2));
+    }
+
+    /// The stored answer's JSON is exactly what serde_json writes, whatever the key holds.
+    #[test]
+    fn stored_json_matches_serde() {
+        for key in [
+            "n1/a.mp4",
+            "n1/\"quoted\" \\ back",
+            "n1/ctl\u{1}\u{1f}\n\t",
+            "n1/中文 #+%.mp4",
+            "",
+        ] {
+            for md5 in [None, Some(MD5_A.to_string())] {
+                let s = Stored {
+                    signed: Signed {
+                        url: format!("https://b.example.com/{key}?X=1&Y=\"2\""),
+                        expires_unix: 1_700_003_600,
+                    },
+                    key: key.to_string(),
+                    size: 1 << 40,
+                    md5,
+                };
+                let reference = serde_json::to_vec(&StoredJson {
+                    state: "uploaded",
+                    url: &s.signed.url,
+                    expires_at: s.signed.expires_at(),
+                    key: &s.key,
+                    size: s.size,
+                    md5: s.md5.as_deref(),
+                })
+                .unwrap();
+                assert_eq!(
+                    String::from_utf8(stored_json(&s)).unwrap(),
+                    String::from_utf8(reference).unwrap()
+                );
+            }
+        }
+        assert_eq!(hex_md5(&[0xab; 16]), "ab".repeat(16));
     }
 
     #[test]

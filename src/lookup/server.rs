@@ -379,14 +379,15 @@ pub fn serve(
                 }
             };
             // Ends the journal snapshot look-ups share once it is stale, so an idle server
-            // keeps none open for long (busy, each look-up refreshes it when it is too old).
+            // keeps none open for long (busy, each look-up refreshes it when it is too old),
+            // and puts the look-up index to use once it is built.
             let cancel = ctx.cancel.clone();
             rt.spawn(async move {
                 let every = Duration::from_secs_f64(crate::lookup::resolve::SNAPSHOT_SECS * 5.0);
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(every) => snapshots.end_stale_snapshot(),
+                        _ = tokio::time::sleep(every) => snapshots.maintain(),
                     }
                 }
             });

@@ -127,12 +127,28 @@ impl Expiry {
 
     /// The expiry as RFC 3339 in UTC, e.g. `2023-12-17T03:56:28Z` (the look-up's `expires_at`).
     pub fn expires_at_rfc3339(&self) -> String {
-        let t = Utc::from_unix(self.expires_unix);
-        format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year, t.month, t.day, t.hour, t.minute, t.second
-        )
+        String::from_utf8_lossy(&rfc3339(self.expires_unix)).into_owned()
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC) of a Unix time, without formatting machinery (look-ups write
+/// one per answer). Years past 9999 are written as 9999.
+pub fn rfc3339(unix: u64) -> [u8; 20] {
+    let t = Utc::from_unix(unix);
+    let mut out = *b"0000-00-00T00:00:00Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, t.year.min(9999));
+    put(5, 2, t.month);
+    put(8, 2, t.day);
+    put(11, 2, t.hour);
+    put(14, 2, t.minute);
+    put(17, 2, t.second);
+    out
 }
 
 fn clamp_requested(requested_secs: u64) -> u64 {
@@ -401,13 +417,14 @@ impl V4Window {
         url.push('?');
         url.push_str(&self.query);
         url.push_str(name);
-        url.extend(signature.iter().map(|&b| char::from(b)));
+        // Hex digits: always UTF-8.
+        url.push_str(std::str::from_utf8(&signature).unwrap_or_default());
         Ok(url)
     }
 }
 
 /// Lower-case hex of 32 bytes.
-fn hex_lower(bytes: &[u8], out: &mut [u8; 64]) {
+pub fn hex_lower(bytes: &[u8], out: &mut [u8; 64]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for (i, b) in bytes.iter().take(32).enumerate() {
         out[2 * i] = HEX[usize::from(b >> 4)];
