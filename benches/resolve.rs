@@ -1,6 +1,7 @@
-//! CPU cost of one look-up without HTTP: `Resolver::resolve` (journal read and URL signing)
-//! the signer alone, and the bare SQLite read, on the journal `bench/lookup.py --dir DIR` leaves behind. Prints the
-//! median over runs of the thread's CPU time per call.
+//! CPU cost of one look-up without HTTP: `Resolver::resolve` (journal read or in-memory index,
+//! and URL signing), the signer alone, and the bare SQLite read, on the journal
+//! `bench/lookup.py --dir DIR` leaves behind. Prints the median over runs of the thread's CPU
+//! time per call.
 //!
 //!     python3 bench/lookup.py --dir /tmp/lb        # once: 1,000,000 stored rows
 //!     cargo bench --bench resolve -- /tmp/lb
@@ -84,6 +85,23 @@ fn main() {
         std::hint::black_box(format!("rec-01/{}", rel_path(x % rows)));
     });
     per_call("resolve (journal + sign)", 5, 50_000, |x| {
+        let p = format!("/record/{}", rel_path(x % rows));
+        let a = rt.block_on(resolver.resolve(p.as_bytes(), None)).unwrap();
+        std::hint::black_box(a.to_json(None));
+    });
+    resolver.enable_index(usize::MAX);
+    let start = std::time::Instant::now();
+    while resolver.index_len().unwrap_or(0) < rows as usize {
+        assert!(start.elapsed().as_secs() < 120, "the index was not built");
+        resolver.maintain();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    println!(
+        "look-up index built: {} entries in {:.1} s",
+        rows,
+        start.elapsed().as_secs_f64()
+    );
+    per_call("resolve (index + sign)", 5, 50_000, |x| {
         let p = format!("/record/{}", rel_path(x % rows));
         let a = rt.block_on(resolver.resolve(p.as_bytes(), None)).unwrap();
         std::hint::black_box(a.to_json(None));
