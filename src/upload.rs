@@ -681,6 +681,7 @@ impl Uploader {
         while pos < end {
             let n = (end - pos).min(HASH_CHUNK) as usize;
             let f = file.clone();
+            let announced = self.hasher.announce();
             let (b, got) = tokio::task::spawn_blocking(move || {
                 buf.resize(n, 0);
                 let got = crate::store::read_full_at(&f, &mut buf[..n], pos);
@@ -694,7 +695,7 @@ impl Uploader {
             }
             let (p, b) = self
                 .hasher
-                .update_pair(pair, b, n)
+                .update_pair(pair, b, n, announced)
                 .await
                 .map_err(|e| TaskError::Io(e.to_string()))?;
             pair = p;
@@ -720,6 +721,7 @@ impl Uploader {
         // Under a bandwidth limit every body is streamed, so it can be paced.
         let (md5, data) = if size <= IN_MEMORY_MAX && self.limit.is_none() {
             let f = file.clone();
+            let announced = self.hasher.announce();
             let buf = tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
                 let mut buf = vec![0u8; size as usize];
                 let got = crate::store::read_full_at(&f, &mut buf, 0)
@@ -733,7 +735,7 @@ impl Uploader {
             .map_err(|e| TaskError::Io(e.to_string()))??;
             let (md5, buf) = self
                 .hasher
-                .md5(buf)
+                .md5(buf, announced)
                 .await
                 .map_err(|e| TaskError::Io(e.to_string()))?;
             (md5, Some(bytes::Bytes::from(buf)))
