@@ -386,7 +386,14 @@ impl LookupIndex {
                     return;
                 }
                 Err(mpsc::TryRecvError::Empty) => return,
-                Err(mpsc::TryRecvError::Disconnected) => self.building = None,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    warn!(
+                        "the look-up index build ended without a result; look-ups read the journal"
+                    );
+                    self.building = None;
+                    self.retry_at = Some(Instant::now() + BUILD_RETRY);
+                    return;
+                }
             }
         }
         if let Some(live) = &mut self.live {
