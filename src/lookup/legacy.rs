@@ -108,26 +108,7 @@ impl BadPath {
 /// Reads look-up input (see the module documentation for the rules) into a path relative to
 /// the root, and the host when the input was a whole URL.
 pub fn parse_legacy(input: &[u8], legacy_prefix: &str) -> Result<Legacy, BadPath> {
-    if input.len() > MAX_INPUT_LEN {
-        return Err(BadPath::TooLong { len: input.len() });
-    }
-    if input.contains(&0) {
-        return Err(BadPath::Nul);
-    }
-
-    let (host, target) = match after_scheme(input) {
-        Some(rest) => {
-            let (host, target) = split_authority(rest)?;
-            (host, target)
-        }
-        None => (None, input),
-    };
-
-    let path = match target.iter().position(|&b| b == b'?' || b == b'#') {
-        Some(end) => &target[..end],
-        None => target,
-    };
-    let decoded = percent_decode(path)?;
+    let (host, decoded) = host_and_path(input)?;
     let absolute = decoded.first() == Some(&b'/');
 
     // One pass over the segments: every one is checked, an absolute path's first ones must be
@@ -177,6 +158,26 @@ pub fn parse_legacy(input: &[u8], legacy_prefix: &str) -> Result<Legacy, BadPath
         host,
         rel: PathBuf::from(OsString::from_vec(rel)),
     })
+}
+
+/// The host of a whole-URL input, and the input's path without query or fragment,
+/// percent-decoded once.
+fn host_and_path(input: &[u8]) -> Result<(Option<String>, Vec<u8>), BadPath> {
+    if input.len() > MAX_INPUT_LEN {
+        return Err(BadPath::TooLong { len: input.len() });
+    }
+    if input.contains(&0) {
+        return Err(BadPath::Nul);
+    }
+    let (host, target) = match after_scheme(input) {
+        Some(rest) => split_authority(rest)?,
+        None => (None, input),
+    };
+    let path = match target.iter().position(|&b| b == b'?' || b == b'#') {
+        Some(end) => &target[..end],
+        None => target,
+    };
+    Ok((host, percent_decode(path)?))
 }
 
 /// If `input` starts with `scheme://`, the part after `://`.
@@ -341,21 +342,7 @@ mod tests {
     /// The segment handling as first written (a vector of segments, then the prefix): the
     /// one-pass version must agree with it on every input.
     fn reference(input: &[u8], legacy_prefix: &str) -> Result<Legacy, BadPath> {
-        if input.len() > MAX_INPUT_LEN {
-            return Err(BadPath::TooLong { len: input.len() });
-        }
-        if input.contains(&0) {
-            return Err(BadPath::Nul);
-        }
-        let (host, target) = match after_scheme(input) {
-            Some(rest) => split_authority(rest)?,
-            None => (None, input),
-        };
-        let path = match target.iter().position(|&b| b == b'?' || b == b'#') {
-            Some(end) => &target[..end],
-            None => target,
-        };
-        let decoded = percent_decode(path)?;
+        let (host, decoded) = host_and_path(input)?;
         let absolute = decoded.first() == Some(&b'/');
         let mut segments = Vec::new();
         for segment in decoded.split(|&b| b == b'/') {
