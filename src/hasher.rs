@@ -63,6 +63,7 @@ pub struct Announced(Option<Arc<AtomicUsize>>);
 
 impl Announced {
     /// No announcement (the thread will not wait for this caller).
+    #[cfg(test)]
     pub fn none() -> Announced {
         Announced(None)
     }

@@ -914,6 +914,14 @@ async fn health_and_metrics() {
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
     let text = String::from_utf8_lossy(&r.body).to_string();
     assert!(text.contains("record_offload_healthy 1"), "{text}");
+    // HEAD: the GET answer's status and length, no body.
+    let r = http("HEAD", &format!("http://{addr}/healthz"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length"),
+        Some(r#"{"status":"ok"}"#.len().to_string()).as_deref()
+    );
+    assert!(r.body.is_empty());
     // Look-ups are counted by answer (the registry is shared by the tests in this process).
     let count = |text: &str, answer: &str| -> f64 {
         let name = format!("record_offload_lookups_total{{answer=\"{answer}\"}} ");

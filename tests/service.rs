@@ -20,7 +20,12 @@ use record_offload::journal::State;
 const T: Duration = Duration::from_secs(60);
 
 fn write_config(env: &Env, edit: impl FnOnce(&mut Config)) -> PathBuf {
-    env.config_file_at(&env.server.endpoint(), |c| {
+    write_config_at(env, &env.server.endpoint(), edit)
+}
+
+/// [`write_config`] with the store at `endpoint` (a fault proxy).
+fn write_config_at(env: &Env, endpoint: &str, edit: impl FnOnce(&mut Config)) -> PathBuf {
+    env.config_file_at(endpoint, |c| {
         c.watch.settle_secs = 0.1;
         // The secret comes in the environment (see `spawn`).
         c.storage.access_key_secret = String::new();
@@ -493,10 +498,7 @@ async fn the_lookup_index_follows_a_path_recorded_again() {
         .await
         .unwrap();
     let lookup = env.dir.path().join("lookup.sock");
-    let cfg = env.config_file_at(&format!("http://{}", proxy.addr()), |c| {
-        c.watch.settle_secs = 0.1;
-        c.storage.access_key_secret = String::new();
-        c.upload.drain_secs = 1.0;
+    let cfg = write_config_at(&env, &format!("http://{}", proxy.addr()), |c| {
         c.upload.retry_initial_secs = 0.05;
         c.upload.retry_max_secs = 0.2;
         c.lookup.listen = vec![format!("unix:{}", lookup.display())];

@@ -302,7 +302,7 @@ impl KeyRule {
 pub struct StoredRow<'a> {
     pub path: &'a [u8],
     pub key: &'a str,
-    pub size: i64,
+    pub size: u64,
     pub md5: Option<&'a str>,
 }
 
@@ -327,7 +327,7 @@ pub struct LookupIndex {
 
 impl LookupIndex {
     /// An index of at most `max_rows` entries for the journal at `journal`, not built yet
-    /// (the first [`LookupIndex::refresh`] starts the build).
+    /// ([`LookupIndex::start`], or the first [`LookupIndex::refresh`], starts the build).
     pub fn new(journal: &Path, rule: KeyRule, max_rows: usize) -> LookupIndex {
         LookupIndex {
             fingerprints: Arc::new(Fingerprinter::new()),
@@ -408,15 +408,11 @@ impl LookupIndex {
             }
             self.live = None;
         }
-        self.start_build();
+        self.start();
     }
 
-    /// Starts building now rather than at the first look-up.
+    /// Starts a build in a thread of its own, unless one runs or a failed one is too recent.
     pub fn start(&mut self) {
-        self.start_build();
-    }
-
-    fn start_build(&mut self) {
         if self.building.is_some() || self.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
@@ -456,10 +452,12 @@ impl LookupIndex {
 
 /// The entry for a stored row, if the index may hold it.
 fn indexable(rule: &KeyRule, row: &StoredRow<'_>) -> Option<Entry> {
-    let size = u64::try_from(row.size).ok()?;
     let md5 = parse_md5(row.md5?)?;
     let rel = Path::new(std::ffi::OsStr::from_bytes(row.path));
-    (rule.key(rel).as_deref() == Some(row.key)).then_some(Entry { size, md5 })
+    (rule.key(rel).as_deref() == Some(row.key)).then_some(Entry {
+        size: row.size,
+        md5,
+    })
 }
 
 fn parse_md5(hex: &str) -> Option<[u8; 16]> {
@@ -527,6 +525,10 @@ fn build(
     let mut rows = stmt.query([])?;
     let mut full = false;
     while let Some(r) = rows.next()? {
+        // A negative size would be a damaged row: left to journal reads.
+        let Ok(size) = u64::try_from(r.get::<_, i64>(2)?) else {
+            continue;
+        };
         let row = StoredRow {
             path: r
                 .get_ref(0)?
@@ -534,7 +536,7 @@ fn build(
                 .map_err(column)?
                 .unwrap_or_default(),
             key: r.get_ref(1)?.as_str().map_err(column)?,
-            size: r.get(2)?,
+            size,
             md5: r.get_ref(3)?.as_str_or_null().map_err(column)?,
         };
         if let Some(entry) = indexable(rule, &row) {

@@ -404,7 +404,7 @@ impl JournalReader {
                     index.learn(StoredRow {
                         path: rel.as_os_str().as_bytes(),
                         key: &row.key,
-                        size: i64::try_from(row.size).unwrap_or(-1),
+                        size: row.size,
                         md5: row.md5.as_deref(),
                     });
                 }
@@ -843,15 +843,12 @@ impl Resolver {
     }
 }
 
-/// Lower-case hex of an MD5.
+/// Lower-case hex of an MD5 (without `hex::encode`'s per-character iterator).
 fn hex_md5(md5: &[u8; 16]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(32);
-    for &b in md5 {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
+    let mut out = [0u8; 32];
+    // The output is exactly twice the input: this cannot fail.
+    let _ = hex::encode_to_slice(md5, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`.

@@ -292,23 +292,11 @@ async fn dispatch<B>(state: Arc<AppState>, req: http::Request<B>) -> Response {
     if parts.method != Method::GET && !head {
         return method_not_allowed();
     }
-    let resp = match route {
+    // A HEAD gets the GET answer: hyper sends its headers and length, not its body.
+    match route {
         Some(handler) => handler(&state),
         None => resolve(&state, &parts).await,
-    };
-    if head { without_body(resp) } else { resp }
-}
-
-/// A `HEAD` answer: the `GET` answer's headers, with its length, and no body.
-fn without_body(mut resp: Response) -> Response {
-    if let Body::Full(Some(b)) = resp.body()
-        && !resp.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        let len = HeaderValue::from(b.len());
-        resp.headers_mut().insert(header::CONTENT_LENGTH, len);
     }
-    *resp.body_mut() = Body::empty();
-    resp
 }
 
 fn method_not_allowed() -> Response {

@@ -424,7 +424,7 @@ impl V4Window {
 }
 
 /// Lower-case hex of 32 bytes.
-pub fn hex_lower(bytes: &[u8], out: &mut [u8; 64]) {
+fn hex_lower(bytes: &[u8], out: &mut [u8; 64]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for (i, b) in bytes.iter().take(32).enumerate() {
         out[2 * i] = HEX[usize::from(b >> 4)];
