@@ -218,6 +218,7 @@ impl Daemon {
             // most one request timeout.
             let uploader = uploader.clone();
             let cancel = cancel.clone();
+            let drain = std::time::Duration::from_secs_f64(cfg.upload.drain_secs);
             tracker.spawn(async move {
                 let cleanup = abort_stray_uploads(store, journal, prefix);
                 tokio::pin!(cleanup);
@@ -226,7 +227,13 @@ impl Daemon {
                     // The uploader is alive while it waits for the clean-up.
                     uploader.stats.heartbeat.beat();
                     tokio::select! {
-                        _ = cancel.cancelled() => break,
+                        _ = cancel.cancelled() => {
+                            // Stopped right after starting: the clean-up is a listing and a
+                            // few aborts, work in progress like an upload's last part, so it
+                            // may finish within the drain time (else the next start does it).
+                            let _ = tokio::time::timeout(drain, &mut cleanup).await;
+                            break;
+                        }
                         _ = &mut cleanup => break,
                         _ = beat.tick() => {}
                     }

@@ -516,3 +516,31 @@ async fn shutdown_returns_promptly_and_restart_carries_on() {
     d.shutdown();
     d.wait().await;
 }
+
+/// Multipart uploads under this node's prefix that the journal does not know (a crash between
+/// creating one and recording it) are aborted at start, even when the daemon is told to stop
+/// at once; another node's are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_uploads_are_aborted_even_when_stopped_at_once() {
+    let env = Env::new().await;
+    let store = record_offload::store::Store::new(&env.config(|_| {}));
+    let ours = store
+        .create_multipart(&env.key("lost/stray.mp4"), &[])
+        .await
+        .unwrap();
+    let theirs = store
+        .create_multipart("other-node/stray.mp4", &[])
+        .await
+        .unwrap();
+    assert_eq!(env.server.open_uploads().len(), 2);
+    let d = env.start(env.config(|_| {})).await;
+    d.shutdown();
+    d.wait().await;
+    let open: Vec<String> = env
+        .server
+        .open_uploads()
+        .into_iter()
+        .map(|(_, _, id)| id)
+        .collect();
+    assert_eq!(open, vec![theirs], "ours was {ours}");
+}
