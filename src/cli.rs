@@ -159,6 +159,9 @@ pub fn main() -> ExitCode {
         Command::CheckConfig => match config::load(&source) {
             Ok(s) => {
                 print!("{}", config::redacted_toml(&s));
+                for w in s.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 eprintln!("config ok");
                 ExitCode::SUCCESS
             }

@@ -147,6 +147,24 @@ pub struct StorageConfig {
     pub access_key_secret_file: Option<PathBuf>,
     pub path_style: bool,
     pub key_template: String,
+    /// PEM file of extra trusted roots for an HTTPS endpoint (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// The endpoint is already the bucket's own host (a custom domain bound to the bucket):
+    /// requests go to it as they are, without the bucket in the host or the path.
+    pub bucket_endpoint: bool,
+    /// `x-amz-storage-class` on every new object (e.g. "STANDARD", "IA").
+    pub storage_class: Option<String>,
+    /// Server-side encryption: "AES256" or "KMS" (with `sse_kms_key_id`, or the store's default key).
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    /// Content-Type by extension (".mp4" or "mp4"), over the built-in table.
+    pub content_types: std::collections::BTreeMap<String, String>,
+    /// `Content-Disposition` on every new object (e.g. "inline").
+    pub content_disposition: Option<String>,
+    /// `Cache-Control` on every new object.
+    pub cache_control: Option<String>,
+    /// User metadata (`x-amz-meta-NAME`) on every new object.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for StorageConfig {
@@ -160,6 +178,15 @@ impl Default for StorageConfig {
             access_key_secret_file: None,
             path_style: false,
             key_template: "{node}/{path}".to_string(),
+            ca_file: None,
+            bucket_endpoint: false,
+            storage_class: None,
+            sse: None,
+            sse_kms_key_id: None,
+            content_types: Default::default(),
+            content_disposition: None,
+            cache_control: None,
+            metadata: Default::default(),
         }
     }
 }
@@ -216,6 +243,18 @@ pub enum PresignStyle {
     OssV4,
     OssV1,
     CdnA,
+}
+
+impl PresignStyle {
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresignStyle::S3v4 => "s3v4",
+            PresignStyle::OssV4 => "oss-v4",
+            PresignStyle::OssV1 => "oss-v1",
+            PresignStyle::CdnA => "cdn-a",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -364,9 +403,41 @@ pub struct Settings {
     pub include: GlobSet,
     pub exclude: GlobSet,
     pub listen: Vec<ListenAddr>,
+    /// Content types by extension: the built-in table with `storage.content_types` over it.
+    pub media: crate::media::MediaTypes,
+    /// `storage.ca_file`'s certificates (PEM), read and checked once.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Settings {
+    /// Things that work but that an operator should hear about: printed by `check-config`
+    /// and logged at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let st = &self.config.storage;
+        let lk = &self.config.lookup;
+        if lk.presign_style == PresignStyle::OssV1 {
+            out.push(
+                "lookup.presign_style = \"oss-v1\" is being withdrawn by Alibaba Cloud for new \
+                 accounts and buckets; use \"oss-v4\""
+                    .to_string(),
+            );
+        }
+        let internal = url::Url::parse(&st.endpoint)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.contains("-internal.")))
+            .unwrap_or(false);
+        if internal && lk.public_base_url.is_none() && lk.presign_style != PresignStyle::CdnA {
+            out.push(format!(
+                "storage.endpoint {} is an -internal endpoint and lookup.public_base_url is not \
+                 set: presigned URLs point at the internal host, which players outside the \
+                 region's network cannot reach",
+                st.endpoint
+            ));
+        }
+        out
+    }
+
     pub fn settle(&self) -> Duration {
         Duration::from_secs_f64(self.config.watch.settle_secs)
     }
@@ -728,6 +799,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         return Err(ConfigError::new("storage.access_key_id", "is required"));
     }
     let secret = read_secret(st)?;
+    let ca_pem = validate_object_options(st)?;
     crate::keys::KeyTemplate::parse(&st.key_template)
         .and_then(|t| t.check_node(name))
         .map_err(|e| ConfigError::new("storage.key_template", e))?;
@@ -828,12 +900,15 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         ));
     }
 
+    let media = crate::media::MediaTypes::new(&config.storage.content_types);
     Ok(Settings {
         config,
         secret,
         include,
         exclude,
         listen,
+        media,
+        ca_pem,
     })
 }
 
@@ -855,11 +930,136 @@ fn check_http_url(key: &str, u: &str) -> Result<url::Url, ConfigError> {
     Ok(parsed)
 }
 
+/// `storage.ca_file` and the options sent with every new object. Returns the CA's PEM.
+fn validate_object_options(st: &StorageConfig) -> Result<Option<Vec<u8>>, ConfigError> {
+    let header_value = |key: &str, v: &str| {
+        if v.is_empty() || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            Err(ConfigError::new(
+                key,
+                format!("must be non-empty printable ASCII (it is sent as a header), got {v:?}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(c) = &st.storage_class {
+        if c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ConfigError::new(
+                "storage.storage_class",
+                format!("must be a storage class name such as \"STANDARD\" or \"IA\", got {c:?}"),
+            ));
+        }
+    }
+    match st.sse.as_deref() {
+        None => {
+            if st.sse_kms_key_id.is_some() {
+                return Err(ConfigError::new(
+                    "storage.sse_kms_key_id",
+                    "needs storage.sse = \"KMS\"",
+                ));
+            }
+        }
+        Some("AES256") => {
+            if st.sse_kms_key_id.is_some() {
+                return Err(ConfigError::new(
+                    "storage.sse_kms_key_id",
+                    "needs storage.sse = \"KMS\", not \"AES256\"",
+                ));
+            }
+        }
+        Some("KMS") => {
+            if let Some(k) = &st.sse_kms_key_id {
+                header_value("storage.sse_kms_key_id", k)?;
+            }
+        }
+        Some(other) => {
+            return Err(ConfigError::new(
+                "storage.sse",
+                format!("must be \"AES256\" or \"KMS\", got {other:?}"),
+            ));
+        }
+    }
+    for (ext, t) in &st.content_types {
+        let key = format!("storage.content_types.{ext:?}");
+        let e = crate::media::normalise_ext(ext);
+        if e.is_empty() || !e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(ConfigError::new(
+                key,
+                "must be a file extension such as \".mp4\"",
+            ));
+        }
+        if !crate::media::valid_media_type(t) {
+            return Err(ConfigError::new(
+                key,
+                format!("must be a media type such as \"video/mp4\", got {t:?}"),
+            ));
+        }
+    }
+    if let Some(v) = &st.content_disposition {
+        header_value("storage.content_disposition", v)?;
+    }
+    if let Some(v) = &st.cache_control {
+        header_value("storage.cache_control", v)?;
+    }
+    let mut meta_bytes = 0;
+    for (k, v) in &st.metadata {
+        let key = format!("storage.metadata.{k}");
+        let name_ok = !k.is_empty()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(ConfigError::new(
+                key,
+                "names may use a-z, 0-9, '-' and '_' only (they are sent as x-amz-meta-NAME)",
+            ));
+        }
+        if k.eq_ignore_ascii_case("md5") || k.eq_ignore_ascii_case(crate::upload::SOURCE_META) {
+            return Err(ConfigError::new(key, "is a name the daemon sets itself"));
+        }
+        header_value(&key, v)?;
+        meta_bytes += k.len() + v.len();
+    }
+    if meta_bytes > 4096 {
+        return Err(ConfigError::new(
+            "storage.metadata",
+            format!("is {meta_bytes} bytes; OSS and S3 allow about 8 KiB of user metadata in all, keep it under 4096"),
+        ));
+    }
+    let Some(path) = &st.ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        ConfigError::new("storage.ca_file", format!("cannot read {}: {e}", path.display()))
+    })?;
+    let text = String::from_utf8_lossy(&pem);
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError::new(
+            "storage.ca_file",
+            format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()),
+        ));
+    }
+    crate::store::tls_context(Some(&pem))
+        .map_err(|e| ConfigError::new("storage.ca_file", format!("{}: {e}", path.display())))?;
+    Ok(Some(pem))
+}
+
 /// The look-up keys beyond the SPEC's five, and `[[nodes]]`.
 fn validate_lookup_extras(config: &Config) -> Result<(), ConfigError> {
     let lk = &config.lookup;
     if let Some(u) = &lk.public_base_url {
-        check_http_url("lookup.public_base_url", u)?;
+        let parsed = check_http_url("lookup.public_base_url", u)?;
+        // OSS's own signatures cover /bucket/key: on a URL with a path of its own they would
+        // sign something other than what the URL holds, and every link would be refused.
+        if matches!(lk.presign_style, PresignStyle::OssV4 | PresignStyle::OssV1)
+            && parsed.path().trim_matches('/') != ""
+        {
+            return Err(ConfigError::new(
+                "lookup.public_base_url",
+                format!(
+                    "must be a bare domain (no path) with presign_style = \"{}\": the OSS signature covers the bucket and key only, got {u:?}",
+                    lk.presign_style.as_str()
+                ),
+            ));
+        }
     }
     if let Some(r) = lk.presign_round_secs
         && r > MAX_PRESIGN_SECS

@@ -161,6 +161,9 @@ impl Daemon {
         let template =
             KeyTemplate::parse(&cfg.storage.key_template).map_err(DaemonError::KeyTemplate)?;
         let store = Store::new(&settings);
+        for w in settings.warnings() {
+            tracing::warn!(warning = %w, "configuration");
+        }
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -15,6 +15,7 @@
 //! - [`keys`]: object keys from `storage.key_template`.
 //! - [`lookup`]: playback look-ups: input parsing, URL signing, the resolver and its HTTP server.
 //! - [`md5pair`]: the MD5 of a part and of the whole file in one pass.
+//! - [`media`]: content types by extension, the same for stored objects and local files.
 //! - [`daemon`]: wires the stages together, recovery at start, graceful shutdown.
 //! - [`health`]: liveness of the stages (heartbeats), behind `/healthz` and the watchdog.
 //! - [`metrics`]: Prometheus metrics for `/metrics`.
@@ -40,6 +41,7 @@ pub mod journal;
 pub mod keys;
 pub mod logging;
 pub mod lookup;
+pub mod media;
 pub mod md5pair;
 pub mod metrics;
 pub mod prune;

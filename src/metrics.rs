@@ -276,6 +276,7 @@ pub fn store_reason(e: &StoreError) -> String {
         ErrorKind::Transient => "network",
         ErrorKind::Permanent => "permanent",
         ErrorKind::NoSuchUpload => "NoSuchUpload",
+        ErrorKind::RestartUpload => "restart_upload",
         ErrorKind::Corrupt => "corrupt",
     }
     .to_string()

@@ -30,7 +30,12 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+};
+use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
@@ -50,6 +55,9 @@ pub enum ErrorKind {
     Permanent,
     /// The multipart upload is gone (aborted, expired): start a new one.
     NoSuchUpload,
+    /// The store refuses to complete the upload with these parts (`InvalidPart`,
+    /// `InvalidPartOrder`): abort it and start a new one.
+    RestartUpload,
     /// The store answered, but with bytes other than ours (ETag differs from our MD5).
     Corrupt,
 }
@@ -82,48 +90,39 @@ impl StoreError {
 }
 
 /// The one place that decides what is retryable, from an HTTP status and an S3 error code.
+///
+/// Only the documented refusals of credentials, bucket and access are permanent: anything
+/// else — an unknown code, an unexpected status, an answer that could not be read — is
+/// retried with backoff, because a file must never be stuck on a store's quirk.
 pub fn classify(status: Option<u16>, code: Option<&str>) -> ErrorKind {
     match code {
-        Some("NoSuchUpload") => return ErrorKind::NoSuchUpload,
-        Some(
-            "SlowDown"
-            | "Throttling"
-            | "ThrottlingException"
-            | "RequestTimeout"
-            | "RequestTimeTooSkewed"
-            | "InternalError"
-            | "ServiceUnavailable"
-            | "BadDigest"
-            | "InvalidDigest"
-            | "IncompleteBody"
-            | "OperationAborted"
-            | "RequestTimeoutException",
-        ) => return ErrorKind::Transient,
-        Some(
-            "AccessDenied"
-            | "InvalidAccessKeyId"
-            | "SignatureDoesNotMatch"
-            | "NoSuchBucket"
-            | "InvalidBucketName"
-            | "AccountProblem"
-            | "AllAccessDisabled"
-            | "InvalidObjectState"
-            | "KeyTooLongError"
-            | "EntityTooLarge"
-            | "InvalidArgument"
-            | "MethodNotAllowed"
-            | "NotImplemented"
-            | "InvalidRequest"
-            | "UserDisable",
-        ) => return ErrorKind::Permanent,
-        _ => {}
-    }
-    match status {
-        Some(s) if s >= 500 || s == 408 || s == 429 => ErrorKind::Transient,
-        Some(_) => ErrorKind::Permanent,
-        None => ErrorKind::Transient,
+        Some("NoSuchUpload") => ErrorKind::NoSuchUpload,
+        Some("InvalidPart" | "InvalidPartOrder") => ErrorKind::RestartUpload,
+        Some(c) if PERMANENT_CODES.contains(&c) => ErrorKind::Permanent,
+        Some(_) => ErrorKind::Transient,
+        // HEAD answers carry no body, hence no code: a 401/403 is still a refusal of access.
+        None => match status {
+            Some(401 | 403) => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        },
     }
 }
+
+/// Error codes that mean the credentials, the bucket or the access rights are wrong: retrying
+/// the same request will not help until an operator acts.
+pub const PERMANENT_CODES: &[&str] = &[
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "InvalidBucketName",
+    "AccountProblem",
+    "AllAccessDisabled",
+    "UserDisable",
+    "InvalidSecurity",
+    "ExpiredToken",
+    "InvalidToken",
+];
 
 fn from_sdk<E, R>(op: &'static str, err: SdkError<E, R>) -> StoreError
 where
@@ -209,8 +208,102 @@ fn err_chain(e: &dyn std::error::Error) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     pub size: u64,
+    /// As the store sent it.
     pub etag: Option<String>,
+    /// `x-oss-hash-crc64ecma`, where the store sends it.
+    pub crc64: Option<u64>,
     pub metadata: std::collections::HashMap<String, String>,
+}
+
+/// What a PutObject or CompleteMultipartUpload answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// As the store sent it.
+    pub etag: Option<String>,
+    /// `x-oss-hash-crc64ecma`, where the store sends it.
+    pub crc64: Option<u64>,
+}
+
+/// The header in which OSS answers an object's CRC-64/XZ (decimal).
+pub const CRC64_HEADER: &str = "x-oss-hash-crc64ecma";
+
+/// Reads [`CRC64_HEADER`] off the raw answer of one request (the SDK's outputs do not keep
+/// headers it does not model).
+#[derive(Debug, Clone, Default)]
+struct Crc64Slot(Arc<std::sync::Mutex<Option<u64>>>);
+
+impl Crc64Slot {
+    fn get(&self) -> Option<u64> {
+        self.0.lock().map(|g| *g).unwrap_or(None)
+    }
+}
+
+impl Intercept for Crc64Slot {
+    fn name(&self) -> &'static str {
+        "Crc64Slot"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let value = context
+            .response()
+            .headers()
+            .get(CRC64_HEADER)
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = value;
+        }
+        Ok(())
+    }
+}
+
+/// `storage.bucket_endpoint`: the endpoint is the bucket's own host, so every request goes to
+/// it as it is (the operation's path is the key alone), never with the bucket added.
+#[derive(Debug)]
+struct BucketEndpoint(String);
+
+impl aws_sdk_s3::config::endpoint::ResolveEndpoint for BucketEndpoint {
+    fn resolve_endpoint<'a>(
+        &'a self,
+        _params: &'a aws_sdk_s3::config::endpoint::Params,
+    ) -> aws_sdk_s3::config::endpoint::EndpointFuture<'a> {
+        aws_sdk_s3::config::endpoint::EndpointFuture::ready(Ok(
+            aws_sdk_s3::config::endpoint::Endpoint::builder()
+                .url(self.0.clone())
+                .build(),
+        ))
+    }
+}
+
+/// The TLS set-up of the store client: the system's roots plus `storage.ca_file`'s.
+pub fn tls_context(
+    ca_pem: Option<&[u8]>,
+) -> Result<aws_smithy_http_client::tls::TlsContext, String> {
+    use aws_smithy_http_client::tls::{TlsContext, TrustStore};
+    let mut trust = TrustStore::empty().with_native_roots(true);
+    if let Some(pem) = ca_pem {
+        trust = trust.with_pem_certificate(pem.to_vec());
+    }
+    TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| err_chain(&e))
+}
+
+/// What every new object is stored with, besides its bytes (`storage.*` options).
+#[derive(Debug, Clone, Default)]
+struct ObjectOptions {
+    storage_class: Option<StorageClass>,
+    sse: Option<ServerSideEncryption>,
+    sse_kms_key_id: Option<String>,
+    content_disposition: Option<String>,
+    cache_control: Option<String>,
+    metadata: Vec<(String, String)>,
+    media: crate::media::MediaTypes,
 }
 
 /// A part listed by ListParts.
@@ -267,11 +360,26 @@ pub struct Store {
     bucket: String,
     request_timeout: Duration,
     min_bytes_per_sec: u64,
+    options: Arc<ObjectOptions>,
+    /// Whether a part's or small object's ETag is the MD5 of its bytes: on S3 and OSS it is,
+    /// except with KMS encryption.
+    etag_is_md5: bool,
 }
 
-/// Strips the quotes around an ETag.
-pub fn clean_etag(etag: &str) -> String {
+/// An ETag normalised for comparison with our MD5: quotes stripped, lower case. Only ever
+/// used to compare: what goes back to the store is the ETag exactly as it gave it.
+pub fn etag_hex(etag: &str) -> String {
     etag.trim().trim_matches('"').to_ascii_lowercase()
+}
+
+/// An ETag as CompleteMultipartUpload sends it: exactly as the store returned it; journals of
+/// older versions kept it unquoted and lower-cased, and get their quotes back.
+pub fn etag_for_completion(etag: &str) -> String {
+    if etag.starts_with('"') {
+        etag.to_string()
+    } else {
+        format!("\"{etag}\"")
+    }
 }
 
 impl Store {
@@ -293,10 +401,28 @@ impl Store {
             None,
             "record-offload-config",
         );
-        let conf = aws_sdk_s3::Config::builder()
+        let mut conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(st.region.clone()))
-            .endpoint_url(st.endpoint.trim_end_matches('/'))
+            .region(Region::new(st.region.clone()));
+        let endpoint = st.endpoint.trim_end_matches('/').to_string();
+        conf = if st.bucket_endpoint {
+            conf.endpoint_resolver(BucketEndpoint(endpoint))
+        } else {
+            conf.endpoint_url(endpoint)
+        };
+        if let Some(pem) = &settings.ca_pem {
+            // Checked by the config's validation; should it fail here, the system roots stay.
+            if let Ok(ctx) = tls_context(Some(pem)) {
+                let http = aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+                    ))
+                    .tls_context(ctx)
+                    .build_https();
+                conf = conf.http_client(http);
+            }
+        }
+        let conf = conf
             .credentials_provider(creds)
             .force_path_style(st.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
@@ -315,12 +441,37 @@ impl Store {
                     .build(),
             )
             .build();
+        let sse = match st.sse.as_deref() {
+            Some("AES256") => Some(ServerSideEncryption::Aes256),
+            Some("KMS") => Some(ServerSideEncryption::AwsKms),
+            _ => None,
+        };
+        let options = ObjectOptions {
+            storage_class: st.storage_class.as_deref().map(StorageClass::from),
+            sse: sse.clone(),
+            sse_kms_key_id: st.sse_kms_key_id.clone(),
+            content_disposition: st.content_disposition.clone(),
+            cache_control: st.cache_control.clone(),
+            metadata: st
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            media: settings.media.clone(),
+        };
         Store {
             client: Client::from_conf(conf),
             bucket: st.bucket.clone(),
             request_timeout,
             min_bytes_per_sec,
+            options: Arc::new(options),
+            etag_is_md5: sse != Some(ServerSideEncryption::AwsKms),
         }
+    }
+
+    /// The Content-Type an object of this file gets.
+    pub fn content_type(&self, rel: &std::path::Path) -> &str {
+        self.options.media.of(rel)
     }
 
     pub fn client(&self) -> &Client {
@@ -352,15 +503,19 @@ impl Store {
         }
     }
 
-    /// Stores a whole object in one request. Returns the ETag, which must equal `md5`.
+    /// Stores a whole object in one request. The answer's ETag must equal `md5` (unless the
+    /// store's ETags are not MD5s, see `etag_is_md5`), and its CRC-64 `crc64` when it sends one.
     pub async fn put_object(
         &self,
         key: &str,
+        rel: &std::path::Path,
         body: Body,
         md5: &[u8; 16],
+        crc64: u64,
         metadata: &[(&str, String)],
-    ) -> Result<String, StoreError> {
+    ) -> Result<Stored, StoreError> {
         let len = body.len();
+        let o = &*self.options;
         let mut req = self
             .client
             .put_object()
@@ -368,18 +523,35 @@ impl Store {
             .key(key)
             .content_length(len as i64)
             .content_md5(b64(md5))
+            .content_type(o.media.of(rel))
+            .set_content_disposition(o.content_disposition.clone())
+            .set_cache_control(o.cache_control.clone())
+            .set_storage_class(o.storage_class.clone())
+            .set_server_side_encryption(o.sse.clone())
+            .set_ssekms_key_id(o.sse_kms_key_id.clone())
             .body(body.into_stream());
+        for (k, v) in &o.metadata {
+            req = req.metadata(k, v);
+        }
         for (k, v) in metadata {
             req = req.metadata(*k, v);
         }
+        let crc = Crc64Slot::default();
         self.timed("PutObject", len, async {
             let out = req
                 .customize()
                 .disable_payload_signing()
+                .interceptor(crc.clone())
                 .send()
                 .await
                 .map_err(|e| from_sdk("PutObject", e))?;
-            check_etag("PutObject", out.e_tag(), md5)
+            let etag = self.check_etag("PutObject", out.e_tag(), md5)?;
+            let stored = Stored {
+                etag: Some(etag),
+                crc64: crc.get(),
+            };
+            check_crc64("PutObject", stored.crc64, crc64)?;
+            Ok(stored)
         })
         .await
     }
@@ -387,13 +559,24 @@ impl Store {
     pub async fn create_multipart(
         &self,
         key: &str,
+        rel: &std::path::Path,
         metadata: &[(&str, String)],
     ) -> Result<String, StoreError> {
+        let o = &*self.options;
         let mut req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(key);
+            .key(key)
+            .content_type(o.media.of(rel))
+            .set_content_disposition(o.content_disposition.clone())
+            .set_cache_control(o.cache_control.clone())
+            .set_storage_class(o.storage_class.clone())
+            .set_server_side_encryption(o.sse.clone())
+            .set_ssekms_key_id(o.sse_kms_key_id.clone());
+        for (k, v) in &o.metadata {
+            req = req.metadata(k, v);
+        }
         for (k, v) in metadata {
             req = req.metadata(*k, v);
         }
@@ -440,17 +623,18 @@ impl Store {
                 .send()
                 .await
                 .map_err(|e| from_sdk("UploadPart", e))?;
-            check_etag("UploadPart", out.e_tag(), md5)
+            self.check_etag("UploadPart", out.e_tag(), md5)
         })
         .await
     }
 
+    /// Completes an upload from its parts' ETags, sent exactly as the store gave them.
     pub async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[(i32, String)],
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Stored, StoreError> {
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
@@ -458,7 +642,7 @@ impl Store {
                     .map(|(n, etag)| {
                         CompletedPart::builder()
                             .part_number(*n)
-                            .e_tag(format!("\"{etag}\""))
+                            .e_tag(etag_for_completion(etag))
                             .build()
                     })
                     .collect(),
@@ -471,13 +655,19 @@ impl Store {
             .key(key)
             .upload_id(upload_id)
             .multipart_upload(completed);
+        let crc = Crc64Slot::default();
         // Completion may take a while on the store side (it assembles the object).
         self.timed("CompleteMultipartUpload", 0, async {
             let out = req
+                .customize()
+                .interceptor(crc.clone())
                 .send()
                 .await
                 .map_err(|e| from_sdk("CompleteMultipartUpload", e))?;
-            Ok(out.e_tag().map(clean_etag))
+            Ok(Stored {
+                etag: out.e_tag().map(str::to_string),
+                crc64: crc.get(),
+            })
         })
         .await
     }
@@ -531,7 +721,7 @@ impl Store {
                 parts.push(ListedPart {
                     part_number: p.part_number().unwrap_or(0),
                     size: p.size().unwrap_or(0).max(0) as u64,
-                    etag: p.e_tag().map(clean_etag),
+                    etag: p.e_tag().map(str::to_string),
                 });
             }
             let next = out.next_part_number_marker().map(str::to_string);
@@ -549,11 +739,13 @@ impl Store {
     /// HEAD of an object: `None` when it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let req = self.client.head_object().bucket(&self.bucket).key(key);
+        let crc = Crc64Slot::default();
         self.timed("HeadObject", 0, async {
-            match req.send().await {
+            match req.customize().interceptor(crc.clone()).send().await {
                 Ok(out) => Ok(Some(ObjectInfo {
                     size: out.content_length().unwrap_or(0).max(0) as u64,
-                    etag: out.e_tag().map(clean_etag),
+                    etag: out.e_tag().map(str::to_string),
+                    crc64: crc.get(),
                     metadata: out.metadata().cloned().unwrap_or_default(),
                 })),
                 Err(e) => {
@@ -595,10 +787,9 @@ impl Store {
                 .await;
             let out = match res {
                 Ok(o) => o,
-                Err(e)
-                    if e.kind == ErrorKind::Permanent
-                        && matches!(e.status, Some(400 | 404 | 405 | 501)) =>
-                {
+                // A store without the call (OSS's S3 API) refuses it one way or another; a
+                // refusal of access (403) is not that.
+                Err(e) if matches!(e.status, Some(400 | 404 | 405 | 501)) => {
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
@@ -628,20 +819,42 @@ fn b64(md5: &[u8; 16]) -> String {
     base64::engine::general_purpose::STANDARD.encode(md5)
 }
 
-fn check_etag(op: &'static str, etag: Option<&str>, md5: &[u8; 16]) -> Result<String, StoreError> {
-    let want = hex::encode(md5);
-    match etag.map(clean_etag) {
-        Some(got) if got == want => Ok(got),
-        Some(got) => Err(StoreError::new(
+impl Store {
+    /// Checks an answer's ETag against the MD5 of what was sent; returns it as the store gave it.
+    fn check_etag(
+        &self,
+        op: &'static str,
+        etag: Option<&str>,
+        md5: &[u8; 16],
+    ) -> Result<String, StoreError> {
+        let want = hex::encode(md5);
+        match etag {
+            Some(got) if !self.etag_is_md5 || etag_hex(got) == want => Ok(got.to_string()),
+            Some(got) => Err(StoreError::new(
+                op,
+                ErrorKind::Corrupt,
+                format!(
+                    "stored bytes differ from the file: ETag {got}, MD5 of the data sent {want}"
+                ),
+            )),
+            None => Err(StoreError::new(
+                op,
+                ErrorKind::Transient,
+                "answer without an ETag",
+            )),
+        }
+    }
+}
+
+/// A store's CRC-64 of an object, where it sent one, must be the file's.
+pub fn check_crc64(op: &'static str, got: Option<u64>, want: u64) -> Result<(), StoreError> {
+    match got {
+        Some(got) if got != want => Err(StoreError::new(
             op,
             ErrorKind::Corrupt,
-            format!("stored bytes differ from the file: ETag {got}, MD5 of the data sent {want}"),
+            format!("stored object's CRC-64 is {got}, the file's {want}: the upload is damaged"),
         )),
-        None => Err(StoreError::new(
-            op,
-            ErrorKind::Transient,
-            "answer without an ETag",
-        )),
+        _ => Ok(()),
     }
 }
 
@@ -764,6 +977,7 @@ impl http_body::Body for FileRangeBody {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -789,7 +1003,58 @@ mod tests {
             classify(Some(400), Some("RequestTimeout")),
             ErrorKind::Transient
         );
-        assert_eq!(classify(Some(400), None), ErrorKind::Permanent);
         assert_eq!(classify(None, None), ErrorKind::Transient);
+        // What the store says and we cannot use is retried, never a verdict on the file.
+        assert_eq!(classify(Some(400), None), ErrorKind::Transient);
+        assert_eq!(classify(Some(200), None), ErrorKind::Transient);
+        assert_eq!(
+            classify(Some(400), Some("InvalidArgument")),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(Some(501), Some("NotImplemented")),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(Some(418), Some("SomethingNew")),
+            ErrorKind::Transient
+        );
+        assert_eq!(classify(Some(403), None), ErrorKind::Permanent);
+        assert_eq!(
+            classify(Some(403), Some("InvalidAccessKeyId")),
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            classify(Some(403), Some("SignatureDoesNotMatch")),
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            classify(Some(403), Some("RequestTimeTooSkewed")),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(Some(400), Some("InvalidPart")),
+            ErrorKind::RestartUpload
+        );
+        assert_eq!(
+            classify(Some(400), Some("InvalidPartOrder")),
+            ErrorKind::RestartUpload
+        );
+    }
+
+    #[test]
+    fn etags_are_kept_as_given() {
+        assert_eq!(etag_hex("\"5B3A\""), "5b3a");
+        assert_eq!(etag_for_completion("\"5B3A\""), "\"5B3A\"");
+        // Journals of older versions kept them bare.
+        assert_eq!(etag_for_completion("5b3a"), "\"5b3a\"");
+    }
+
+    #[test]
+    fn crc64_mismatch_is_damage() {
+        assert!(check_crc64("PutObject", None, 7).is_ok());
+        assert!(check_crc64("PutObject", Some(7), 7).is_ok());
+        let e = check_crc64("PutObject", Some(8), 7).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
     }
 }

@@ -54,7 +54,7 @@ use crate::fsutil::{Identity, Root};
 use crate::hasher::Hasher;
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
 use crate::md5pair::Md5Pair;
-use crate::store::{Body, ErrorKind, FileRange, Store, StoreError};
+use crate::store::{self, Body, ErrorKind, FileRange, Store, StoreError};
 use crate::throttle::{Bandwidth, Windows};
 
 /// S3 and OSS allow at most this many parts.
@@ -85,6 +85,28 @@ fn source_tag(generation: i64, id: &Identity) -> String {
         "{generation}:{}:{}:{}:{}",
         id.dev, id.ino, id.size, id.mtime_ns
     )
+}
+
+/// The whole file's CRC-64/XZ, fed in file order alongside the MD5s.
+struct Crc64(crc64fast::Digest);
+
+impl Crc64 {
+    fn new() -> Crc64 {
+        Crc64(crc64fast::Digest::new())
+    }
+
+    fn sum(&self) -> u64 {
+        self.0.sum64()
+    }
+}
+
+/// What ListParts said about an upload being resumed.
+enum Listing {
+    Parts(Vec<store::ListedPart>),
+    /// Gone (aborted, expired, or completed elsewhere).
+    Gone,
+    /// The answer could not be used: resume from the journal's parts.
+    Unknown,
 }
 
 /// Counters for status, metrics and liveness.
@@ -594,7 +616,7 @@ impl Uploader {
         let part_size = part_size_for(identity.size, self.settings.part_size());
         let started = Instant::now();
         let single = identity.size <= part_size;
-        let md5_hex = if single {
+        let (md5_hex, crc64) = if single {
             self.put_small(row, &file, &identity, cancel).await?
         } else {
             self.put_multipart(row, &file, &identity, part_size, cancel)
@@ -603,12 +625,27 @@ impl Uploader {
 
         // Check what the store holds. A single PutObject's answer already proved it: the store
         // returned the ETag of what it stored, and `put_object` accepted it only equal to the
-        // MD5 of the file's bytes (and the body's length is the file's size). A multipart
-        // object's ETag is not its MD5, so its size is checked here.
+        // MD5 of the file's bytes (and the body's length is the file's size), and its CRC-64
+        // equal to the file's where it sent one. A multipart object's ETag is not its MD5, so
+        // its size is checked here, and its CRC-64 where the store reports one (OSS does):
+        // that checks the whole object end to end, not only part by part.
         if !single {
             let mut backoff = self.backoff();
             loop {
                 match self.store.head(&row.key).await {
+                    Ok(Some(info))
+                        if info.size == identity.size
+                            && info.crc64.is_some_and(|c| c != crc64) =>
+                    {
+                        let id = row.id;
+                        self.journal
+                            .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                            .await?;
+                        return Ok(Outcome::Retry(format!(
+                            "stored object's CRC-64 is {}, the file's {crc64}: the upload is damaged; sending it again",
+                            info.crc64.unwrap_or_default()
+                        )));
+                    }
                     Ok(Some(info)) if info.size == identity.size => break,
                     Ok(Some(info)) => {
                         return Ok(Outcome::Retry(format!(
@@ -634,7 +671,7 @@ impl Uploader {
             let md5_hex = md5_hex.clone();
             self.journal
                 .write(Durability::Normal, move |c| {
-                    journal::set_uploaded(c, id, generation, &identity, &md5_hex)
+                    journal::set_uploaded(c, id, generation, &identity, &md5_hex, Some(crc64))
                 })
                 .await?;
         }
@@ -644,6 +681,7 @@ impl Uploader {
         info!(
             bytes = identity.size,
             md5 = %md5_hex,
+            crc64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "upload complete"
         );
@@ -667,13 +705,15 @@ impl Uploader {
     }
 
     /// Hashes `len` bytes at `offset` as one part of `pair` (which also keeps the whole
-    /// file's MD5); checks the bytes are all there. Returns the part's MD5.
+    /// file's MD5) and into `crc` (the whole file's CRC-64, computed on the reading thread while
+    /// the bytes are in cache); checks the bytes are all there. Returns the part's MD5.
     async fn hash_range(
         &self,
         file: &Arc<File>,
         offset: u64,
         len: u64,
         mut pair: Md5Pair,
+        crc: &mut Crc64,
     ) -> Result<([u8; 16], Md5Pair), TaskError> {
         let mut buf = Vec::new();
         let mut pos = offset;
@@ -682,10 +722,14 @@ impl Uploader {
             let n = (end - pos).min(HASH_CHUNK) as usize;
             let f = file.clone();
             let announced = self.hasher.announce();
-            let (b, got) = tokio::task::spawn_blocking(move || {
+            let mut digest = std::mem::replace(&mut crc.0, crc64fast::Digest::new());
+            let (b, got, digest) = tokio::task::spawn_blocking(move || {
                 buf.resize(n, 0);
                 let got = crate::store::read_full_at(&f, &mut buf[..n], pos);
-                (buf, got)
+                if let Ok(got) = got {
+                    digest.write(&buf[..got]);
+                }
+                (buf, got, digest)
             })
             .await
             .map_err(|e| TaskError::Io(e.to_string()))?;
@@ -693,6 +737,7 @@ impl Uploader {
             if got < n {
                 return Err(TaskError::Changed);
             }
+            crc.0 = digest;
             let (p, b) = self
                 .hasher
                 .update_pair(pair, b, n, announced)
@@ -714,25 +759,29 @@ impl Uploader {
         file: &Arc<File>,
         identity: &Identity,
         cancel: &CancellationToken,
-    ) -> Result<String, TaskError> {
+    ) -> Result<(String, u64), TaskError> {
         let mut backoff = self.backoff();
         let prepared = self.prepare(cancel).await?;
         let size = identity.size;
+        let mut crc = Crc64::new();
         // Under a bandwidth limit every body is streamed, so it can be paced.
         let (md5, data) = if size <= IN_MEMORY_MAX && self.limit.is_none() {
             let f = file.clone();
             let announced = self.hasher.announce();
-            let buf = tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
+            let (buf, digest) = tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
                 let mut buf = vec![0u8; size as usize];
                 let got = crate::store::read_full_at(&f, &mut buf, 0)
                     .map_err(|e| TaskError::Io(format!("read: {e}")))?;
                 if got < buf.len() {
                     return Err(TaskError::Changed);
                 }
-                Ok(buf)
+                let mut digest = crc64fast::Digest::new();
+                digest.write(&buf);
+                Ok((buf, digest))
             })
             .await
             .map_err(|e| TaskError::Io(e.to_string()))??;
+            crc.0 = digest;
             let (md5, buf) = self
                 .hasher
                 .md5(buf, announced)
@@ -741,9 +790,12 @@ impl Uploader {
             (md5, Some(bytes::Bytes::from(buf)))
         } else {
             // One part: its MD5 is the file's.
-            let (md5, _) = self.hash_range(file, 0, size, Md5Pair::new()).await?;
+            let (md5, _) = self
+                .hash_range(file, 0, size, Md5Pair::new(), &mut crc)
+                .await?;
             (md5, None)
         };
+        let crc64 = crc.sum();
         let permit = self.acquire(cancel).await?;
         drop(prepared);
         let mut permit = Some(permit);
@@ -767,13 +819,13 @@ impl Uploader {
             };
             let res = tokio::select! {
                 _ = cancel.cancelled() => return Err(TaskError::Interrupted),
-                r = self.store.put_object(&row.key, body, &md5, &metadata) => r,
+                r = self.store.put_object(&row.key, &row.path, body, &md5, crc64, &metadata) => r,
             };
             drop(held);
             match res {
                 Ok(_) => {
                     self.stats.bytes_sent.fetch_add(size, Ordering::Relaxed);
-                    return Ok(hex::encode(md5));
+                    return Ok((hex::encode(md5), crc64));
                 }
                 Err(e) if e.is_retryable() => {
                     self.check_unchanged(&row.path, file, identity)?;
@@ -798,7 +850,7 @@ impl Uploader {
         identity: &Identity,
         part_size: u64,
         cancel: &CancellationToken,
-    ) -> Result<String, TaskError> {
+    ) -> Result<(String, u64), TaskError> {
         let resumed = match (&row.upload_id, row.upload_generation, row.part_size) {
             (Some(uid), Some(g), Some(ps)) if g == row.generation && ps == part_size => {
                 Some(uid.clone())
@@ -846,7 +898,7 @@ impl Uploader {
         identity: &Identity,
         part_size: u64,
         cancel: &CancellationToken,
-    ) -> Result<String, TaskError> {
+    ) -> Result<(String, u64), TaskError> {
         let (id, generation) = (row.id, row.generation);
         let size = identity.size;
         let n_parts = size.div_ceil(part_size);
@@ -867,8 +919,11 @@ impl Uploader {
         {
             // Completed before a crash, not recorded: only the MD5 is missing.
             info!("multipart upload was completed before a restart; not sending it again");
-            let (_, pair) = self.hash_range(file, 0, size, Md5Pair::new()).await?;
-            return Ok(hex::encode(pair.finish_whole()));
+            let mut crc = Crc64::new();
+            let (_, pair) = self
+                .hash_range(file, 0, size, Md5Pair::new(), &mut crc)
+                .await?;
+            return Ok((hex::encode(pair.finish_whole()), crc.sum()));
         }
         if let Some(uid) = upload_id.clone() {
             let recorded = {
@@ -879,24 +934,44 @@ impl Uploader {
             };
             let listed = loop {
                 match self.store.list_parts(&row.key, &uid).await {
-                    Ok(l) => break Some(l),
+                    Ok(l) => break Listing::Parts(l),
                     Err(e) if e.kind == ErrorKind::NoSuchUpload || e.status == Some(404) => {
-                        break None;
+                        break Listing::Gone;
                     }
-                    Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
-                    Err(e) => return Err(e.into()),
+                    Err(e) if e.kind == ErrorKind::Permanent => return Err(e.into()),
+                    // The store answered, but with nothing we can use (moto's ListParts is not
+                    // what the SDK reads, some stores lack the call): the parts the journal
+                    // committed were each acknowledged by the store, so carry on from them. If
+                    // the upload is gone after all, its next part or its completion says so.
+                    Err(e) if e.status.is_some_and(|s| s < 500 && s != 408 && s != 429) => {
+                        warn!(upload_id = %uid, error = %e, "cannot list the upload's parts; resuming from the parts the journal recorded");
+                        break Listing::Unknown;
+                    }
+                    Err(e) => self.pause(row, &mut backoff, &e, cancel).await?,
                 }
             };
             // s3s-fs answers an aborted upload with an empty list: with parts recorded, an
             // empty list means the upload is gone.
-            let listed = listed.filter(|l| !l.is_empty() || recorded.is_empty());
+            let listed = match listed {
+                Listing::Parts(l) if l.is_empty() && !recorded.is_empty() => Listing::Gone,
+                other => other,
+            };
             match listed {
-                Some(listed) => {
+                Listing::Unknown => {
+                    for p in recorded {
+                        done.insert(p.part_number, p);
+                    }
+                    info!(upload_id = %uid, parts_done = done.len(), parts = n_parts, "resuming multipart upload");
+                }
+                Listing::Parts(listed) => {
                     let listed: HashMap<i32, _> =
                         listed.into_iter().map(|p| (p.part_number, p)).collect();
                     for p in recorded {
                         let ok = listed.get(&p.part_number).is_some_and(|l| {
-                            l.size == p.size && l.etag.as_ref().is_none_or(|e| *e == p.etag)
+                            l.size == p.size
+                                && l.etag
+                                    .as_ref()
+                                    .is_none_or(|e| store::etag_hex(e) == store::etag_hex(&p.etag))
                         });
                         if ok {
                             done.insert(p.part_number, p);
@@ -904,7 +979,7 @@ impl Uploader {
                     }
                     info!(upload_id = %uid, parts_done = done.len(), parts = n_parts, "resuming multipart upload");
                 }
-                None => {
+                Listing::Gone => {
                     info!(upload_id = %uid, "multipart upload is gone; starting again");
                     if let Err(e) = self.store.abort_multipart(&row.key, &uid).await {
                         debug!(error = %e, "abort of a vanished upload failed");
@@ -926,7 +1001,7 @@ impl Uploader {
             None => {
                 let uid = loop {
                     let meta = [(SOURCE_META, source_tag(generation, identity))];
-                    match self.store.create_multipart(&row.key, &meta).await {
+                    match self.store.create_multipart(&row.key, &row.path, &meta).await {
                         Ok(u) => break u,
                         Err(e) if e.is_retryable() => {
                             self.pause(row, &mut backoff, &e, cancel).await?
@@ -953,6 +1028,7 @@ impl Uploader {
 
         // Read parts in order (hashing them and the whole file), send them concurrently.
         let mut pair = Some(Md5Pair::new());
+        let mut crc = Crc64::new();
         let mut senders: JoinSet<Result<PartRow, TaskError>> = JoinSet::new();
         let mut failure: Option<TaskError> = None;
         for n in 1..=n_parts {
@@ -977,7 +1053,7 @@ impl Uploader {
             let Some(p) = pair.take() else {
                 return Err(TaskError::Io("hash state lost".into()));
             };
-            let (md5, p) = self.hash_range(file, offset, len, p).await?;
+            let (md5, p) = self.hash_range(file, offset, len, p, &mut crc).await?;
             pair = Some(p);
             if let Some(p) = done.get(&part_number) {
                 if p.md5 == hex::encode(md5) && p.size == len {
@@ -1041,13 +1117,25 @@ impl Uploader {
                 parts.len()
             )));
         }
+        let crc64 = crc.sum();
         loop {
             match self
                 .store
                 .complete_multipart(&row.key, &upload_id, &parts)
                 .await
             {
-                Ok(_) => break,
+                Ok(stored) => {
+                    if let Err(e) = store::check_crc64("CompleteMultipartUpload", stored.crc64, crc64)
+                    {
+                        // The object is there, but not this file's bytes: send it again (a new
+                        // upload overwrites it); it is never recorded as stored.
+                        self.journal
+                            .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                            .await?;
+                        return Err(e.into());
+                    }
+                    break;
+                }
                 Err(e) if e.kind == ErrorKind::NoSuchUpload => {
                     // Completed by an attempt whose answer was lost, or gone: if the object is
                     // not this file, start over.
@@ -1062,12 +1150,23 @@ impl Uploader {
                         .await?;
                     return Err(TaskError::Store(e));
                 }
+                Err(e) if e.kind == ErrorKind::RestartUpload => {
+                    // The store will not join these parts: that upload is of no more use.
+                    warn!(upload_id = %upload_id, error = %e, "the store refuses to complete the upload; starting a new one");
+                    if let Err(e) = self.store.abort_multipart(&row.key, &upload_id).await {
+                        warn!(error = %e, "cannot abort the refused upload");
+                    }
+                    self.journal
+                        .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                        .await?;
+                    return Err(TaskError::Store(e));
+                }
                 Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
                 Err(e) => return Err(e.into()),
             }
         }
         crate::failpoint::hit("after-complete");
-        Ok(md5_hex)
+        Ok((md5_hex, crc64))
     }
 
     /// Whether the object at the row's key is already this exact file (size and source
@@ -1182,6 +1281,16 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// OSS's `x-oss-hash-crc64ecma` is CRC-64/XZ: its check value, and fed in pieces.
+    #[test]
+    fn crc64_is_oss_crc64ecma() {
+        let mut c = Crc64::new();
+        c.0.write(b"1234");
+        c.0.write(b"56789");
+        assert_eq!(c.sum(), 0x995d_c9bb_df19_39fa);
+        assert_eq!(Crc64::new().sum(), 0);
+    }
 
     #[test]
     fn part_size_grows_for_huge_files() {

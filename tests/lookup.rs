@@ -322,15 +322,28 @@ async fn drop_in_route_redirects_stored_files_and_the_redirect_honours_range() {
     assert_eq!(ranged.status, 206);
     assert_eq!(ranged.body, &data[1000..2000]);
 
-    // HEAD gets the same redirect; other methods are refused; paths elsewhere are 404.
+    // The object keeps the recording's media type: the same as the local file was served with.
+    assert_eq!(followed.header("content-type"), Some("video/mp4"));
+
+    // HEAD is answered from the journal (a URL presigned for GET refuses HEAD): what a GET
+    // through the redirect shows. Other methods are refused; paths elsewhere are 404.
     let r = http(
         "HEAD",
         &format!("http://{addr}/record/dir/clip%201.mp4"),
         &[],
     )
     .await;
-    assert_eq!(r.status, 302);
-    assert_eq!(r.header("location"), Some(location.as_str()));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("location"), None);
+    assert_eq!(r.header("content-length"), Some("200000"));
+    assert_eq!(r.header("content-type"), Some("video/mp4"));
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    let etag = format!("\"{}\"", md5_hex(&data));
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    assert!(r.header("last-modified").is_some(), "{r:?}");
+    assert!(r.body.is_empty());
+    // The redirect's URL itself refuses HEAD (signed for GET): why HEAD is not redirected.
+    assert_eq!(http("HEAD", &location, &[]).await.status, 403);
     let r = raw(
         addr,
         "POST",

@@ -99,6 +99,8 @@ pub struct FileRow {
     pub identity: Option<Identity>,
     pub size: u64,
     pub md5: Option<String>,
+    /// The whole file's CRC-64/XZ (OSS's `x-oss-hash-crc64ecma`), once stored.
+    pub crc64: Option<u64>,
     pub upload_id: Option<String>,
     pub upload_generation: Option<i64>,
     pub part_size: Option<u64>,
@@ -120,7 +122,7 @@ fn ser_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
 
 const COLUMNS: &str = "id, path, key, state, generation, dev, ino, size, mtime_ns, md5, upload_id, \
      upload_generation, part_size, bytes_sent, attempts, next_attempt_ms, last_error, last_error_ms, \
-     discovered_ms, queued_ms, uploaded_ms, deleted_ms, updated_ms";
+     discovered_ms, queued_ms, uploaded_ms, deleted_ms, updated_ms, crc64";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<FileRow> {
     let path: Vec<u8> = r.get(1)?;
@@ -167,6 +169,9 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<FileRow> {
         uploaded_ms: r.get(20)?,
         deleted_ms: r.get(21)?,
         updated_ms: r.get(22)?,
+        crc64: r
+            .get::<_, Option<String>>(23)?
+            .and_then(|v| v.parse::<u64>().ok()),
     })
 }
 
@@ -312,7 +317,7 @@ pub fn intake(
     };
     conn.prepare_cached(
         "UPDATE files SET state = 'queued', generation = generation + 1, key = ?2,
-             dev = ?3, ino = ?4, size = ?5, mtime_ns = ?6, md5 = NULL, bytes_sent = 0,
+             dev = ?3, ino = ?4, size = ?5, mtime_ns = ?6, md5 = NULL, crc64 = NULL, bytes_sent = 0,
              attempts = 0, next_attempt_ms = 0, last_error = NULL, queued_ms = ?7,
              uploaded_ms = NULL, deleted_ms = NULL, updated_ms = ?7,
              discovered_ms = CASE WHEN state IN ('deleted', 'vanished', 'uploaded') THEN ?7 ELSE discovered_ms END
@@ -527,12 +532,13 @@ pub fn set_uploaded(
     generation: i64,
     identity: &Identity,
     md5: &str,
+    crc64: Option<u64>,
 ) -> Result<(), JournalError> {
     let now = now_ms();
     let n = conn
         .prepare_cached(
             "UPDATE files SET state = 'uploaded', md5 = ?3, size = ?4, dev = ?5, ino = ?6,
-                 mtime_ns = ?7, bytes_sent = ?4, uploaded_ms = ?8, updated_ms = ?8,
+                 mtime_ns = ?7, bytes_sent = ?4, uploaded_ms = ?8, updated_ms = ?8, crc64 = ?9,
                  upload_id = NULL, upload_generation = NULL, last_error = NULL, attempts = 0
              WHERE id = ?1 AND generation = ?2",
         )?
@@ -544,7 +550,8 @@ pub fn set_uploaded(
             identity.dev as i64,
             identity.ino as i64,
             identity.mtime_ns,
-            now
+            now,
+            crc64.map(|c| c.to_string())
         ])?;
     expect_one(n, "set_uploaded")?;
     conn.prepare_cached("DELETE FROM parts WHERE file_id = ?1")?
@@ -618,7 +625,7 @@ pub fn set_settling(conn: &Connection, id: i64, generation: i64) -> Result<(), J
     let now = now_ms();
     let n = conn
         .prepare_cached(
-            "UPDATE files SET state = 'settling', generation = generation + 1, md5 = NULL,
+            "UPDATE files SET state = 'settling', generation = generation + 1, md5 = NULL, crc64 = NULL,
                  bytes_sent = 0, updated_ms = ?3
              WHERE id = ?1 AND generation = ?2",
         )?
@@ -868,12 +875,12 @@ mod tests {
             intake(&conn, rel, "n/a/b.mp4", &id2, true).unwrap(),
             Intake::Queued { id }
         );
-        let e = set_uploaded(&conn, id, row.generation, &id1, "x").unwrap_err();
+        let e = set_uploaded(&conn, id, row.generation, &id1, "x", None).unwrap_err();
         assert!(is_stale(&e));
         let row = get(&conn, id).unwrap().unwrap();
         assert_eq!(row.upload_id.as_deref(), Some("up1"));
         assert_ne!(row.upload_generation, Some(row.generation));
-        set_uploaded(&conn, id, row.generation, &id2, "md5").unwrap();
+        set_uploaded(&conn, id, row.generation, &id2, "md5", Some(7)).unwrap();
         assert_eq!(
             intake(&conn, rel, "n/a/b.mp4", &id2, true).unwrap(),
             Intake::DeletePending {
@@ -961,7 +968,7 @@ mod tests {
         let row = get_by_path(&conn, Path::new("f1")).unwrap().unwrap();
         start_upload(&conn, row.id, row.generation, None, 5).unwrap();
         let row = get_by_path(&conn, Path::new("f2")).unwrap().unwrap();
-        set_uploaded(&conn, row.id, row.generation, &ident(300, 2), "m").unwrap();
+        set_uploaded(&conn, row.id, row.generation, &ident(300, 2), "m", None).unwrap();
         let q = queue(&conn, false).unwrap();
         assert_eq!(q.counts.get(&State::Uploaded), None, "not counted");
         let q = queue(&conn, true).unwrap();

@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use super::JournalError;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 3;
+pub const VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 1: files and their multipart parts.
@@ -81,6 +81,11 @@ const MIGRATIONS: &[&str] = &[
         INSERT INTO unstored (path) VALUES (old.path);
         DELETE FROM unstored WHERE seq <= (SELECT MAX(seq) FROM unstored) - 10000;
     END;
+    "#,
+    // 4: the whole file's CRC-64/XZ (decimal, as OSS's `x-oss-hash-crc64ecma`), computed in
+    // the same pass as the MD5s and compared with the store's where it sends one.
+    r#"
+    ALTER TABLE files ADD COLUMN crc64 TEXT;
     "#,
 ];
 

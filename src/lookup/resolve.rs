@@ -141,6 +141,9 @@ pub struct Stored {
     pub size: u64,
     /// Hex MD5 of the whole object (from the journal; from a plain ETag for remote checks).
     pub md5: Option<String>,
+    /// The file's mtime (Unix seconds) when the answer came from a journal row (HEAD answers
+    /// read the row for it); `None` from the index or a remote check.
+    pub modified_unix: Option<i64>,
 }
 
 /// The file is only on this host's disk, opened and ready to be served.
@@ -279,6 +282,7 @@ pub struct Row {
     pub size: u64,
     pub md5: Option<String>,
     pub bytes_sent: u64,
+    pub mtime_ns: Option<i64>,
 }
 
 /// What a look-up found in the journal.
@@ -480,7 +484,7 @@ impl JournalReader {
 
 fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError> {
     let mut stmt =
-        conn.prepare_cached("SELECT state, key, size, md5, bytes_sent FROM files WHERE path = ?1")?;
+        conn.prepare_cached("SELECT state, key, size, md5, bytes_sent, mtime_ns FROM files WHERE path = ?1")?;
     let row = stmt
         .query_row([rel.as_os_str().as_bytes()], |r| {
             let state: String = r.get(0)?;
@@ -490,10 +494,11 @@ fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError>
                 r.get::<_, i64>(2)?,
                 r.get::<_, Option<String>>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, Option<i64>>(5)?,
             ))
         })
         .optional()?;
-    let Some((state, key, size, md5, bytes_sent)) = row else {
+    let Some((state, key, size, md5, bytes_sent, mtime_ns)) = row else {
         return Ok(None);
     };
     let state = State::parse(&state)
@@ -504,6 +509,7 @@ fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError>
         size: size.max(0) as u64,
         md5,
         bytes_sent: bytes_sent.max(0) as u64,
+        mtime_ns,
     }))
 }
 
@@ -679,6 +685,17 @@ impl Resolver {
         input: &[u8],
         host_hint: Option<&str>,
     ) -> Result<Answer, LookupError> {
+        self.resolve_with(input, host_hint, false).await
+    }
+
+    /// [`Resolver::resolve`], reading the journal row itself rather than the index or the
+    /// shared snapshot when `fresh` (HEAD answers need the row's mtime).
+    pub async fn resolve_with(
+        &self,
+        input: &[u8],
+        host_hint: Option<&str>,
+        fresh: bool,
+    ) -> Result<Answer, LookupError> {
         let legacy = parse_legacy(input, &self.legacy_prefix)?;
         let host = legacy.host.as_deref().or(host_hint);
         if let Some(node) = host.and_then(|h| self.node_for_host(h)) {
@@ -687,7 +704,7 @@ impl Resolver {
         let rel = legacy.rel;
         for attempt in 0..3 {
             // The first read may come from the shared snapshot; the others are fresh.
-            if let Some(answer) = self.resolve_local(&rel, attempt > 0)? {
+            if let Some(answer) = self.resolve_local(&rel, fresh || attempt > 0)? {
                 return Ok(answer);
             }
         }
@@ -703,6 +720,7 @@ impl Resolver {
                     key,
                     size,
                     md5,
+                    modified_unix: None,
                 }));
             }
         }
@@ -752,6 +770,7 @@ impl Resolver {
                     key,
                     size: entry.size,
                     md5: Some(hex_md5(&entry.md5)),
+                    modified_unix: None,
                 })));
             }
             Some(Found::Row(row)) if row.state.is_stored() => {
@@ -761,6 +780,7 @@ impl Resolver {
                     key: row.key,
                     size: row.size,
                     md5: row.md5,
+                    modified_unix: row.mtime_ns.map(|ns| ns.div_euclid(1_000_000_000)),
                 })));
             }
             Some(Found::Row(row)) => Some(row),
@@ -817,6 +837,7 @@ impl Resolver {
                     key,
                     size,
                     md5,
+                    modified_unix: None,
                 }))
             }
             // Not stored yet, or the store cannot say: that node knows.
@@ -835,6 +856,7 @@ impl Resolver {
         let remote = store.head(key).await?.map(|info| {
             let md5 = info
                 .etag
+                .map(|e| crate::store::etag_hex(&e))
                 .filter(|e| e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit()));
             (info.size, md5)
         });
@@ -1324,6 +1346,7 @@ mod tests {
                     key: key.to_string(),
                     size: 1 << 40,
                     md5,
+                    modified_unix: None,
                 };
                 let reference = serde_json::to_vec(&StoredJson {
                     state: "uploaded",

@@ -42,7 +42,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -210,6 +210,8 @@ impl Limits {
 
 struct AppState {
     resolver: Arc<Resolver>,
+    /// Content types by extension (the uploader sends the same ones).
+    media: crate::media::MediaTypes,
     auth: Option<Auth>,
     auth_legacy: bool,
     hooks: Hooks,
@@ -329,6 +331,7 @@ pub fn serve(
     let state_resolver = resolver.clone();
     let state = Arc::new(AppState {
         resolver,
+        media: settings.media.clone(),
         auth: Auth::new(&lk.auth.keys, lk.auth.window_secs),
         auth_legacy: lk.auth.legacy_route,
         hooks,
@@ -751,11 +754,16 @@ async fn legacy(state: &AppState, req: &http::request::Parts, head: bool) -> Res
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.host());
-    let result = state.resolver.resolve(path.as_bytes(), host).await;
+    // HEAD of a stored file is answered here: a URL presigned for GET refuses HEAD.
+    let result = state
+        .resolver
+        .resolve_with(path.as_bytes(), host, head)
+        .await;
     count(&result);
     match result {
+        Ok(Answer::Stored(s)) if head => head_stored(&s, state.media.of(Path::new(path))),
         Ok(Answer::Stored(s)) => redirect(StatusCode::FOUND, &s.signed.url, Vec::new()),
-        Ok(Answer::Pending(p)) => serve_file(p, &req.headers, head).await,
+        Ok(Answer::Pending(p)) => serve_file(p, &req.headers, head, &state.media).await,
         Ok(Answer::Elsewhere(e)) => {
             let pq = req
                 .uri
@@ -793,47 +801,42 @@ fn etag(p: &Pending) -> String {
     format!("\"{secs:x}-{:x}\"", p.identity.size)
 }
 
-fn content_type(rel: &std::path::Path) -> &'static str {
-    let ext = rel
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase());
-    match ext.as_deref() {
-        Some("mp4" | "m4v") => "video/mp4",
-        Some("m4a") => "audio/mp4",
-        Some("mp3") => "audio/mpeg",
-        Some("aac") => "audio/aac",
-        Some("wav") => "audio/wav",
-        Some("ogg" | "oga") => "audio/ogg",
-        Some("opus") => "audio/opus",
-        Some("webm") => "video/webm",
-        Some("mkv") => "video/x-matroska",
-        Some("flv") => "video/x-flv",
-        Some("ts") => "video/mp2t",
-        Some("m3u8") => "application/vnd.apple.mpegurl",
-        Some("avi") => "video/x-msvideo",
-        Some("mov") => "video/quicktime",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("png") => "image/png",
-        Some("json") => "application/json",
-        Some("txt" | "log") => "text/plain; charset=utf-8",
-        _ => "application/octet-stream",
-    }
-}
-
 fn etag_matches(list: &str, etag: &str) -> bool {
     list.split(',')
         .map(str::trim)
         .any(|t| t == "*" || t == etag || t.strip_prefix("W/").is_some_and(|weak| weak == etag))
 }
 
+/// HEAD of a stored file, from the journal: what a GET through the redirect would show.
+fn head_stored(s: &crate::lookup::resolve::Stored, ctype: &str) -> Response {
+    let mut builder = http::Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_LENGTH, s.size)
+        .header(header::CONTENT_TYPE, ctype)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "no-cache");
+    if let Some(md5) = &s.md5 {
+        builder = builder.header(header::ETAG, format!("\"{md5}\""));
+    }
+    if let Some(secs) = s.modified_unix {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+        builder = builder.header(header::LAST_MODIFIED, httpdate::fmt_http_date(at));
+    }
+    builder.body(Body::empty()).unwrap_or_default()
+}
+
 /// The local file, as nginx's static module answered it.
-async fn serve_file(p: Pending, req: &HeaderMap, head: bool) -> Response {
+async fn serve_file(
+    p: Pending,
+    req: &HeaderMap,
+    head: bool,
+    media: &crate::media::MediaTypes,
+) -> Response {
     let size = p.identity.size;
     let etag = etag(&p);
     let modified = p.identity.mtime();
     let last_modified = httpdate::fmt_http_date(modified);
-    let ctype = content_type(&p.rel);
+    let ctype = media.of(&p.rel).to_string();
 
     let mut builder = http::Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
@@ -870,7 +873,7 @@ async fn serve_file(p: Pending, req: &HeaderMap, head: bool) -> Response {
     let file = Arc::new(p.file);
     let (status, len, pieces) = match answer {
         RangeAnswer::Full => {
-            builder = builder.header(header::CONTENT_TYPE, ctype);
+            builder = builder.header(header::CONTENT_TYPE, &ctype);
             (StatusCode::OK, size, vec![Piece::File(0, size)])
         }
         RangeAnswer::Unsatisfiable => {
@@ -888,7 +891,7 @@ async fn serve_file(p: Pending, req: &HeaderMap, head: bool) -> Response {
         }
         RangeAnswer::Partial(ranges) if ranges.len() == 1 => {
             let r = ranges[0];
-            builder = builder.header(header::CONTENT_TYPE, ctype).header(
+            builder = builder.header(header::CONTENT_TYPE, &ctype).header(
                 header::CONTENT_RANGE,
                 format!("bytes {}-{}/{size}", r.start, r.end),
             );
@@ -900,7 +903,7 @@ async fn serve_file(p: Pending, req: &HeaderMap, head: bool) -> Response {
         }
         RangeAnswer::Partial(ranges) => {
             let boundary = format!("{:016x}{:08x}", p.identity.ino, size as u32 ^ 0x5eed);
-            let (len, pieces) = multipart(&ranges, &boundary, ctype, size);
+            let (len, pieces) = multipart(&ranges, &boundary, &ctype, size);
             builder = builder.header(
                 header::CONTENT_TYPE,
                 format!("multipart/byteranges; boundary={boundary}"),
@@ -1064,6 +1067,7 @@ mod tests {
         let flag = healthy.clone();
         let state = Arc::new(AppState {
             resolver: Arc::new(resolver),
+            media: Default::default(),
             auth: None,
             auth_legacy: false,
             hooks: Hooks {
@@ -1104,12 +1108,4 @@ mod tests {
         assert_eq!(body["reason"], "the uploader has stopped");
     }
 
-    #[test]
-    fn content_types() {
-        assert_eq!(content_type(std::path::Path::new("a/b.MP4")), "video/mp4");
-        assert_eq!(
-            content_type(std::path::Path::new("a/b")),
-            "application/octet-stream"
-        );
-    }
 }
