@@ -982,7 +982,11 @@ fn validate_object_options(st: &StorageConfig) -> Result<Option<Vec<u8>>, Config
     for (ext, t) in &st.content_types {
         let key = format!("storage.content_types.{ext:?}");
         let e = crate::media::normalise_ext(ext);
-        if e.is_empty() || !e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if e.is_empty()
+            || !e
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return Err(ConfigError::new(
                 key,
                 "must be a file extension such as \".mp4\"",
@@ -1005,7 +1009,8 @@ fn validate_object_options(st: &StorageConfig) -> Result<Option<Vec<u8>>, Config
     for (k, v) in &st.metadata {
         let key = format!("storage.metadata.{k}");
         let name_ok = !k.is_empty()
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !name_ok {
             return Err(ConfigError::new(
                 key,
@@ -1021,20 +1026,28 @@ fn validate_object_options(st: &StorageConfig) -> Result<Option<Vec<u8>>, Config
     if meta_bytes > 4096 {
         return Err(ConfigError::new(
             "storage.metadata",
-            format!("is {meta_bytes} bytes; OSS and S3 allow about 8 KiB of user metadata in all, keep it under 4096"),
+            format!(
+                "is {meta_bytes} bytes; OSS and S3 allow about 8 KiB of user metadata in all, keep it under 4096"
+            ),
         ));
     }
     let Some(path) = &st.ca_file else {
         return Ok(None);
     };
     let pem = std::fs::read(path).map_err(|e| {
-        ConfigError::new("storage.ca_file", format!("cannot read {}: {e}", path.display()))
+        ConfigError::new(
+            "storage.ca_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
     })?;
     let text = String::from_utf8_lossy(&pem);
     if !text.contains("-----BEGIN CERTIFICATE-----") {
         return Err(ConfigError::new(
             "storage.ca_file",
-            format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()),
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
         ));
     }
     crate::store::tls_context(Some(&pem))

@@ -634,8 +634,7 @@ impl Uploader {
             loop {
                 match self.store.head(&row.key).await {
                     Ok(Some(info))
-                        if info.size == identity.size
-                            && info.crc64.is_some_and(|c| c != crc64) =>
+                        if info.size == identity.size && info.crc64.is_some_and(|c| c != crc64) =>
                     {
                         let id = row.id;
                         self.journal
@@ -1001,7 +1000,11 @@ impl Uploader {
             None => {
                 let uid = loop {
                     let meta = [(SOURCE_META, source_tag(generation, identity))];
-                    match self.store.create_multipart(&row.key, &row.path, &meta).await {
+                    match self
+                        .store
+                        .create_multipart(&row.key, &row.path, &meta)
+                        .await
+                    {
                         Ok(u) => break u,
                         Err(e) if e.is_retryable() => {
                             self.pause(row, &mut backoff, &e, cancel).await?
@@ -1125,7 +1128,8 @@ impl Uploader {
                 .await
             {
                 Ok(stored) => {
-                    if let Err(e) = store::check_crc64("CompleteMultipartUpload", stored.crc64, crc64)
+                    if let Err(e) =
+                        store::check_crc64("CompleteMultipartUpload", stored.crc64, crc64)
                     {
                         // The object is there, but not this file's bytes: send it again (a new
                         // upload overwrites it); it is never recorded as stored.
@@ -1139,10 +1143,11 @@ impl Uploader {
                 Err(e) if e.kind == ErrorKind::NoSuchUpload => {
                     // Completed by an attempt whose answer was lost, or gone: if the object is
                     // not this file, start over.
-                    if self
-                        .already_stored(row, identity, &mut backoff, cancel)
+                    if let Some(obj) = self
+                        .stored_object(row, identity, &mut backoff, cancel)
                         .await?
                     {
+                        self.accept_completed(row, &upload_id, obj, crc64).await?;
                         break;
                     }
                     self.journal
@@ -1161,7 +1166,24 @@ impl Uploader {
                         .await?;
                     return Err(TaskError::Store(e));
                 }
-                Err(e) if e.is_retryable() => self.pause(row, &mut backoff, &e, cancel).await?,
+                Err(e) if e.is_retryable() => {
+                    // The store may have joined the parts although its answer was lost (no
+                    // answer at all) or could not be read (a 200 the SDK refuses, such as moto's
+                    // `<CompleteMultipartUploadResponse>`): a HEAD tells, before the completion
+                    // is tried again. A refusal with a status of its own (5xx, SlowDown) means
+                    // the store did not complete it.
+                    let unknown = matches!(e.status, None | Some(200));
+                    if unknown
+                        && let Some(obj) = self
+                            .stored_object(row, identity, &mut backoff, cancel)
+                            .await?
+                    {
+                        warn!(upload_id = %upload_id, error = %e, "completion answer unusable, but the object is this file; accepting it");
+                        self.accept_completed(row, &upload_id, obj, crc64).await?;
+                        break;
+                    }
+                    self.pause(row, &mut backoff, &e, cancel).await?
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -1178,19 +1200,57 @@ impl Uploader {
         backoff: &mut Backoff,
         cancel: &CancellationToken,
     ) -> Result<bool, TaskError> {
+        Ok(self
+            .stored_object(row, identity, backoff, cancel)
+            .await?
+            .is_some())
+    }
+
+    /// What HEAD says of the object at the row's key when it is this exact file (size and
+    /// source metadata); `None` when there is no object or another one.
+    async fn stored_object(
+        &self,
+        row: &FileRow,
+        identity: &Identity,
+        backoff: &mut Backoff,
+        cancel: &CancellationToken,
+    ) -> Result<Option<store::ObjectInfo>, TaskError> {
         let tag = source_tag(row.generation, identity);
         loop {
             match self.store.head(&row.key).await {
                 Ok(Some(info)) => {
-                    return Ok(
-                        info.size == identity.size && info.metadata.get(SOURCE_META) == Some(&tag)
-                    );
+                    let ours =
+                        info.size == identity.size && info.metadata.get(SOURCE_META) == Some(&tag);
+                    return Ok(ours.then_some(info));
                 }
-                Ok(None) => return Ok(false),
+                Ok(None) => return Ok(None),
                 Err(e) if e.is_retryable() => self.pause(row, backoff, &e, cancel).await?,
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Takes a multipart object found by HEAD after its completion answer was lost as this
+    /// upload's result: its CRC-64, where the store sends one, must be the file's, and the
+    /// upload is aborted in case the store still keeps it open (gone already is fine).
+    async fn accept_completed(
+        &self,
+        row: &FileRow,
+        upload_id: &str,
+        obj: store::ObjectInfo,
+        crc64: u64,
+    ) -> Result<(), TaskError> {
+        let id = row.id;
+        if let Err(e) = store::check_crc64("HeadObject", obj.crc64, crc64) {
+            self.journal
+                .write(Durability::Normal, move |c| journal::clear_upload(c, id))
+                .await?;
+            return Err(e.into());
+        }
+        if let Err(e) = self.store.abort_multipart(&row.key, upload_id).await {
+            debug!(error = %e, "abort after an accepted completion failed");
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

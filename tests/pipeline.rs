@@ -525,11 +525,19 @@ async fn stray_uploads_are_aborted_even_when_stopped_at_once() {
     let env = Env::new().await;
     let store = record_offload::store::Store::new(&env.config(|_| {}));
     let ours = store
-        .create_multipart(&env.key("lost/stray.mp4"), std::path::Path::new("lost/stray.mp4"), &[])
+        .create_multipart(
+            &env.key("lost/stray.mp4"),
+            std::path::Path::new("lost/stray.mp4"),
+            &[],
+        )
         .await
         .unwrap();
     let theirs = store
-        .create_multipart("other-node/stray.mp4", std::path::Path::new("stray.mp4"), &[])
+        .create_multipart(
+            "other-node/stray.mp4",
+            std::path::Path::new("stray.mp4"),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(env.server.open_uploads().len(), 2);

@@ -483,8 +483,9 @@ impl JournalReader {
 }
 
 fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT state, key, size, md5, bytes_sent, mtime_ns FROM files WHERE path = ?1")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT state, key, size, md5, bytes_sent, mtime_ns FROM files WHERE path = ?1",
+    )?;
     let row = stmt
         .query_row([rel.as_os_str().as_bytes()], |r| {
             let state: String = r.get(0)?;

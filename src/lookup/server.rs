@@ -1107,5 +1107,4 @@ mod tests {
         assert_eq!(status, 503);
         assert_eq!(body["reason"], "the uploader has stopped");
     }
-
 }
