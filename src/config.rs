@@ -942,13 +942,13 @@ fn validate_object_options(st: &StorageConfig) -> Result<Option<Vec<u8>>, Config
             Ok(())
         }
     };
-    if let Some(c) = &st.storage_class {
-        if c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(ConfigError::new(
-                "storage.storage_class",
-                format!("must be a storage class name such as \"STANDARD\" or \"IA\", got {c:?}"),
-            ));
-        }
+    if let Some(c) = &st.storage_class
+        && (c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        return Err(ConfigError::new(
+            "storage.storage_class",
+            format!("must be a storage class name such as \"STANDARD\" or \"IA\", got {c:?}"),
+        ));
     }
     match st.sse.as_deref() {
         None => {
@@ -1063,7 +1063,7 @@ fn validate_lookup_extras(config: &Config) -> Result<(), ConfigError> {
         // OSS's own signatures cover /bucket/key: on a URL with a path of its own they would
         // sign something other than what the URL holds, and every link would be refused.
         if matches!(lk.presign_style, PresignStyle::OssV4 | PresignStyle::OssV1)
-            && parsed.path().trim_matches('/') != ""
+            && !parsed.path().trim_matches('/').is_empty()
         {
             return Err(ConfigError::new(
                 "lookup.public_base_url",
