@@ -142,7 +142,16 @@ where
             } else {
                 ErrorKind::Transient
             };
-            StoreError::new(op, kind, format!("connection failed: {}", err_chain(&err)))
+            let chain = err_chain(&err);
+            // A TLS verdict is the one connection failure the operator has to act on: say
+            // where the fix goes. It stays transient: the CA may be added while files wait.
+            let hint = if chain.contains("certificate") {
+                " (the store's TLS certificate is not trusted: add the CA that signed it to \
+                 storage.ca_file as PEM, or check storage.endpoint's host name)"
+            } else {
+                ""
+            };
+            StoreError::new(op, kind, format!("connection failed: {chain}{hint}"))
         }
         SdkError::ResponseError(r) => {
             let status = r.raw().status_code();

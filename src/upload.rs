@@ -1303,6 +1303,7 @@ impl Uploader {
                             journal::record_part(c, id, generation, &uid, &p)
                         })
                         .await?;
+                    crate::failpoint::hit("after-part-committed");
                     return Ok(part);
                 }
                 Err(e) if e.kind == ErrorKind::NoSuchUpload => return Err(e.into()),

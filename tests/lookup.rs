@@ -12,76 +12,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::harness::*;
+use common::http::{Resp, T, http, tcp_addr};
 use common::proxy::{Fault, FaultProxy};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use record_offload::config::{ListenAddr, NodeEntry};
+use record_offload::config::NodeEntry;
 use record_offload::daemon::Daemon;
 use record_offload::journal::State;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-const T: Duration = Duration::from_secs(30);
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-/// A request through hyper-util's client.
-async fn http(method: &str, url: &str, headers: &[(&str, &str)]) -> Resp {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let mut req = hyper::Request::builder().method(method).uri(url);
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let resp = tokio::time::timeout(T, client.request(req.body(Empty::new()).unwrap()))
-        .await
-        .expect("request timed out")
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
 
 async fn get(url: &str) -> Resp {
     http("GET", url, &[]).await
@@ -140,16 +78,6 @@ async fn raw(addr: SocketAddr, method: &str, target: &[u8], extra: &str) -> Resp
         extra,
     )
     .await
-}
-
-fn tcp_addr(d: &Daemon) -> SocketAddr {
-    d.lookup_addrs
-        .iter()
-        .find_map(|a| match a {
-            ListenAddr::Tcp(a) => Some(*a),
-            ListenAddr::Unix(_) => None,
-        })
-        .expect("a TCP look-up address")
 }
 
 /// A file name as a legacy URL path carries it.

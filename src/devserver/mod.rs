@@ -113,6 +113,8 @@ struct Shared {
     opts: DevOptions,
     log: Mutex<VecDeque<Recorded>>,
     drift: AtomicU64,
+    /// How many of the next CRC-64 headers are answered wrong (see `damage_crc64`).
+    crc_damage: AtomicU64,
     part_etags: oss::PartEtags,
     crcs: oss::CrcCache,
 }
@@ -264,6 +266,12 @@ impl DevServer {
         if let Ok(mut l) = self.shared.log.lock() {
             l.clear();
         }
+    }
+
+    /// OSS mode: the next `n` answers that carry `x-oss-hash-crc64ecma` carry a wrong value,
+    /// as if the stored object were not the bytes sent (0 ends it).
+    pub fn damage_crc64(&self, n: u64) {
+        self.shared.crc_damage.store(n, Ordering::Relaxed);
     }
 
     /// How many requests carried a checksum, trailer or aws-chunked header (see the module
@@ -536,6 +544,13 @@ impl DevS3 {
             .await
             .map_err(|e| s3_error!(e, InternalError, "reading the object for its CRC-64"))?;
         if let Some(crc) = crc {
+            // A test may ask for wrong CRCs: the answer of a store whose object is damaged.
+            let damaged = self
+                .shared
+                .crc_damage
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            let crc = if damaged { crc ^ 1 } else { crc };
             resp.headers.insert(CRC64_HEADER, HeaderValue::from(crc));
         }
         Ok(())

@@ -5,7 +5,7 @@
 //!
 //! | style | `lookup.public_base_url` unset | set |
 //! | --- | --- | --- |
-//! | `s3v4` | `storage.endpoint` with the bucket as host label, or as first path segment when `storage.path_style` | that URL (a domain bound to the bucket) |
+//! | `s3v4` | `storage.endpoint` with the bucket as host label, or as first path segment when `storage.path_style`, or as it is when `storage.bucket_endpoint` | that URL (a domain bound to the bucket) |
 //! | `oss-v4`, `oss-v1` | the same, on the OSS-native host (`s3.oss-…` becomes `oss-…`) | that URL |
 //! | `cdn-a` | required | the CDN domain |
 //!
@@ -65,6 +65,8 @@ impl Signer {
             (None, PresignStyle::CdnA) => {
                 return Err(SignError::Missing("lookup.public_base_url"));
             }
+            // A custom domain bound to the bucket serves the bucket at its root.
+            (None, _) if st.bucket_endpoint => endpoint.to_string(),
             (None, style) => {
                 let endpoint = if style == PresignStyle::S3v4 {
                     endpoint.to_string()
@@ -204,6 +206,14 @@ mod tests {
             c.storage.path_style = true;
         });
         assert_eq!(Signer::new(&s).unwrap().base(), "http://127.0.0.1:9000/rec");
+        for style in [PresignStyle::S3v4, PresignStyle::OssV4] {
+            let (_d, s) = settings(|c| {
+                c.storage.endpoint = "https://media.example.com/".into();
+                c.storage.bucket_endpoint = true;
+                c.lookup.presign_style = style;
+            });
+            assert_eq!(Signer::new(&s).unwrap().base(), "https://media.example.com");
+        }
         let (_d, s) =
             settings(|c| c.lookup.public_base_url = Some("https://media.example.com/".into()));
         assert_eq!(Signer::new(&s).unwrap().base(), "https://media.example.com");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use record_offload::config::{self, Config, Settings};
 use record_offload::daemon::Daemon;
-use record_offload::devserver::{ACCESS_KEY, DevServer, SECRET_KEY};
+use record_offload::devserver::{ACCESS_KEY, DevOptions, DevServer, SECRET_KEY};
 use record_offload::journal::{self, FileRow, State};
 use tempfile::TempDir;
 
@@ -22,12 +22,22 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Env {
+        Env::new_with(DevOptions::default()).await
+    }
+
+    /// An environment whose test server runs in the modes of `opts` (OSS behaviour, TLS,
+    /// a custom domain).
+    pub async fn new_with(opts: DevOptions) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("record");
         std::fs::create_dir_all(&root).unwrap();
-        let server = DevServer::start(&dir.path().join("store"), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let server = DevServer::start_with(
+            &dir.path().join("store"),
+            "127.0.0.1:0".parse().unwrap(),
+            opts,
+        )
+        .await
+        .unwrap();
         server.create_bucket(BUCKET).unwrap();
         let journal_path = dir.path().join("state/journal.db");
         Env {
@@ -76,6 +86,10 @@ impl Env {
         c.storage.access_key_id = ACCESS_KEY.to_string();
         c.storage.access_key_secret = SECRET_KEY.to_string();
         c.storage.path_style = true;
+        // A TLS test server's own CA is trusted, as an operator's private CA would be.
+        if endpoint.starts_with("https://") {
+            c.storage.ca_file = self.server.ca_path().map(Path::to_path_buf);
+        }
         c.upload.retry_initial_secs = 0.05;
         c.upload.retry_max_secs = 0.5;
         c.upload.request_timeout_secs = 10.0;

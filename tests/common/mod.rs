@@ -3,5 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod harness;
+pub mod http;
+pub mod killloop;
 pub mod moto;
 pub mod proxy;
