@@ -11,7 +11,7 @@ fn cpu_now() -> f64 {
 }
 
 use md5::{Digest, Md5};
-use record_offload::md5pair::{Md5Pair, compress_lanes, md5};
+use record_offload::util::md5pair::{Md5Pair, compress_lanes, md5};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 

@@ -33,15 +33,16 @@ use tracing::{info, warn};
 
 use crate::config::{ListenAddr, Settings};
 use crate::delete::DeleteJob;
-use crate::fsutil::Root;
-use crate::health::{self, Heartbeat, Liveness};
+use crate::health::{self, Liveness};
 use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
-use crate::keys::KeyTemplate;
 use crate::lookup::resolve::{Resolver, ResolverError, default_public_url};
 use crate::lookup::server::{self as lookup_server, Hooks, ServerError};
 use crate::store::Store;
 use crate::systemd::{self, Monitor};
 use crate::upload::{UploadStats, Uploader};
+use crate::util::fs::Root;
+use crate::util::heartbeat::Heartbeat;
+use crate::util::keys::KeyTemplate;
 use crate::watch::{self, Settled, WatchParams, WatchStats};
 
 #[derive(Debug, Error)]
@@ -54,8 +55,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("storage.key_template: {0}")]
-    KeyTemplate(String),
     #[error(
         "another record-offload is already running on the journal {journal} (it holds {lock}); \
          one daemon per journal"
@@ -158,8 +157,7 @@ impl Daemon {
                 source,
             })?,
         );
-        let template =
-            KeyTemplate::parse(&cfg.storage.key_template).map_err(DaemonError::KeyTemplate)?;
+        let template = settings.template.clone();
         let store = Store::new(&settings);
         for w in settings.warnings() {
             tracing::warn!(warning = %w, "configuration");
@@ -262,10 +260,7 @@ impl Daemon {
         let watch_stats = Arc::new(WatchStats::default());
         let params = WatchParams {
             root: cfg.watch.root.clone(),
-            filter: crate::watch::filter::Filter::new(
-                settings.include.clone(),
-                settings.exclude.clone(),
-            ),
+            filter: settings.filter.clone(),
             settle: settings.settle(),
             rescan_interval: settings.rescan_interval(),
             journal_path: cfg.journal.path.clone(),
@@ -450,7 +445,7 @@ async fn intake(
             // Waiting for work is progress too (see `crate::health`).
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
         };
-        crate::failpoint::stall("intake", &cancel).await;
+        crate::util::failpoint::stall("intake", &cancel).await;
         if cancel.is_cancelled() {
             break;
         }

@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::fsutil::{Identity, Root, UnlinkOutcome};
 use crate::journal::{self, Durability, Journal};
 use crate::upload::UploadStats;
+use crate::util::fs::{Identity, Root, UnlinkOutcome};
 
 /// A stored file whose local copy is to be removed.
 #[derive(Debug, Clone)]
@@ -82,7 +82,7 @@ pub async fn run(
                     .into_iter()
                     .filter_map(|job| match root.unlink_if_same(&job.rel, &job.identity) {
                         Ok(UnlinkOutcome::Removed | UnlinkOutcome::Gone) => {
-                            crate::failpoint::hit("after-unlink");
+                            crate::util::failpoint::hit("after-unlink");
                             Some(job)
                         }
                         Ok(UnlinkOutcome::Changed(_)) => {

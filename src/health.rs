@@ -13,50 +13,13 @@
 //! does not beat is a loop stuck in a call that never returns — a journal write that never
 //! commits, a hung file-system call, a deadlock.
 
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
-/// The zero of heartbeat times: monotonic, shared by the whole process.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Added to every reading so that a moment before the first reading (a stage that has not
-/// beaten for a while, in tests) is still a positive number.
-const OFFSET_MS: u64 = 1 << 40;
-
-fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64 + OFFSET_MS
-}
-
-/// The last moment a stage showed progress (monotonic milliseconds).
-#[derive(Debug)]
-pub struct Heartbeat {
-    last_ms: AtomicU64,
-}
-
-impl Default for Heartbeat {
-    /// A heartbeat that has just beaten: a stage is alive when it starts.
-    fn default() -> Self {
-        Heartbeat {
-            last_ms: AtomicU64::new(now_ms()),
-        }
-    }
-}
-
-impl Heartbeat {
-    /// Records progress now.
-    pub fn beat(&self) {
-        self.last_ms.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// Time since the last beat.
-    pub fn age(&self) -> Duration {
-        Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
+use crate::util::heartbeat::Heartbeat;
 
 /// What `/healthz` answers: 200 when `ok`, otherwise 503 with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -104,7 +67,7 @@ impl std::fmt::Display for Stall {
             f,
             "{} made no progress for {}",
             self.stage,
-            crate::cli::human_age(self.age.as_secs())
+            crate::util::human::human_age(self.age.as_secs())
         )
     }
 }
@@ -219,10 +182,7 @@ mod tests {
     use super::*;
 
     fn aged(ms: u64) -> Arc<Heartbeat> {
-        let h = Heartbeat::default();
-        h.last_ms
-            .store(now_ms().saturating_sub(ms), Ordering::Relaxed);
-        Arc::new(h)
+        Arc::new(Heartbeat::beaten_ago(Duration::from_millis(ms)))
     }
 
     #[test]

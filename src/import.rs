@@ -21,10 +21,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::config::Settings;
-use crate::fsutil::Identity;
 use crate::journal::{self, Intake, JournalError};
-use crate::keys::KeyTemplate;
-use crate::watch::filter::Filter;
+use crate::util::fs::Identity;
+use crate::util::keys::KeyTemplate;
 use crate::watch::{scan, writers};
 
 /// Files per journal transaction: short enough not to hold up the daemon's writer.
@@ -36,8 +35,6 @@ const MAX_LISTED: usize = 20;
 pub enum ImportError {
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error("storage.key_template: {0}")]
-    KeyTemplate(String),
 }
 
 /// Progress of an import, for a progress bar.
@@ -99,16 +96,15 @@ pub fn import(
     progress: &dyn Progress,
 ) -> Result<Report, ImportError> {
     let cfg = &settings.config;
-    let template =
-        KeyTemplate::parse(&cfg.storage.key_template).map_err(ImportError::KeyTemplate)?;
-    let filter = Filter::new(settings.include.clone(), settings.exclude.clone());
+    let template = &settings.template;
+    let filter = &settings.filter;
     let mut report = Report {
         dry_run,
         ..Report::default()
     };
 
     progress.scanning(&cfg.watch.root);
-    let walked = scan::scan(&cfg.watch.root, Path::new(""), &filter);
+    let walked = scan::scan(&cfg.watch.root, Path::new(""), filter);
     report.unreadable = walked.errors.len() as u64;
     for e in walked.errors.iter().take(5) {
         report.problem(format!("cannot read: {e}"));
@@ -127,12 +123,12 @@ pub fn import(
                         .map(|_| Intake::Queued { id: 0 })
                 })
                 .collect(),
-            Some(c) if dry_run => record(c, chunk, &template, settings, true)?,
+            Some(c) if dry_run => record(c, chunk, template, settings, true)?,
             Some(c) => {
                 let tx = c
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(JournalError::from)?;
-                let out = record(&tx, chunk, &template, settings, false)?;
+                let out = record(&tx, chunk, template, settings, false)?;
                 tx.commit().map_err(JournalError::from)?;
                 out
             }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::fsutil::{Kind, RmdirOutcome, Root};
+use crate::util::fs::{Kind, RmdirOutcome, Root};
 
 pub async fn run(
     root: Arc<Root>,

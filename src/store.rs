@@ -17,7 +17,6 @@
 //! - static credentials from the config; no environment or profile chain is consulted.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -45,6 +44,7 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
+use crate::util::error::chain;
 
 /// How an error is to be handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +133,7 @@ where
         SdkError::ConstructionFailure(_) => StoreError::new(
             op,
             ErrorKind::Permanent,
-            format!("cannot build request: {}", err_chain(&err)),
+            format!("cannot build request: {}", chain(&err)),
         ),
         SdkError::TimeoutError(_) => StoreError::new(op, ErrorKind::Transient, "timed out"),
         SdkError::DispatchFailure(d) => {
@@ -142,7 +142,7 @@ where
             } else {
                 ErrorKind::Transient
             };
-            let chain = err_chain(&err);
+            let chain = chain(&err);
             // A TLS verdict is the one connection failure the operator has to act on: say
             // where the fix goes. It stays transient: the CA may be added while files wait.
             let hint = if chain.contains("certificate") {
@@ -158,7 +158,7 @@ where
             let mut e = StoreError::new(
                 op,
                 ErrorKind::Transient,
-                format!("bad response (HTTP {status}): {}", err_chain(&err)),
+                format!("bad response (HTTP {status}): {}", chain(&err)),
             );
             e.status = Some(status);
             e
@@ -184,7 +184,7 @@ where
                 status: Some(status),
             }
         }
-        _ => StoreError::new(op, ErrorKind::Transient, err_chain(&err)),
+        _ => StoreError::new(op, ErrorKind::Transient, chain(&err)),
     }
 }
 
@@ -197,20 +197,6 @@ impl HasStatus for aws_smithy_runtime_api::http::Response {
     fn status_code(&self) -> u16 {
         self.status().as_u16()
     }
-}
-
-fn err_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let m = inner.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 /// What HEAD says about a stored object.
@@ -288,21 +274,6 @@ impl aws_sdk_s3::config::endpoint::ResolveEndpoint for BucketEndpoint {
     }
 }
 
-/// The TLS set-up of the store client: the system's roots plus `storage.ca_file`'s.
-pub fn tls_context(
-    ca_pem: Option<&[u8]>,
-) -> Result<aws_smithy_http_client::tls::TlsContext, String> {
-    use aws_smithy_http_client::tls::{TlsContext, TrustStore};
-    let mut trust = TrustStore::empty().with_native_roots(true);
-    if let Some(pem) = ca_pem {
-        trust = trust.with_pem_certificate(pem.to_vec());
-    }
-    TlsContext::builder()
-        .with_trust_store(trust)
-        .build()
-        .map_err(|e| err_chain(&e))
-}
-
 /// What every new object is stored with, besides its bytes (`storage.*` options).
 #[derive(Debug, Clone, Default)]
 struct ObjectOptions {
@@ -312,7 +283,7 @@ struct ObjectOptions {
     content_disposition: Option<String>,
     cache_control: Option<String>,
     metadata: Vec<(String, String)>,
-    media: crate::media::MediaTypes,
+    media: crate::util::media::MediaTypes,
 }
 
 /// A part listed by ListParts.
@@ -359,7 +330,7 @@ pub struct FileRange {
     pub offset: u64,
     pub len: u64,
     /// The shared bandwidth limit, if any: each chunk waits for its tokens.
-    pub limit: Option<Arc<crate::throttle::Bandwidth>>,
+    pub limit: Option<Arc<crate::util::throttle::Bandwidth>>,
 }
 
 /// The store client.
@@ -419,17 +390,14 @@ impl Store {
         } else {
             conf.endpoint_url(endpoint)
         };
-        if let Some(pem) = &settings.ca_pem {
-            // Checked by the config's validation; should it fail here, the system roots stay.
-            if let Ok(ctx) = tls_context(Some(pem)) {
-                let http = aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
-                    ))
-                    .tls_context(ctx)
-                    .build_https();
-                conf = conf.http_client(http);
-            }
+        if let Some(ctx) = &settings.tls {
+            let http = aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .tls_context(ctx.clone())
+                .build_https();
+            conf = conf.http_client(http);
         }
         let conf = conf
             .credentials_provider(creds)
@@ -881,7 +849,7 @@ struct FileRangeBody {
     file: Arc<File>,
     pos: u64,
     end: u64,
-    limit: Option<Arc<crate::throttle::Bandwidth>>,
+    limit: Option<Arc<crate::util::throttle::Bandwidth>>,
     reading: Option<JoinHandle<std::io::Result<Vec<u8>>>>,
 }
 
@@ -895,20 +863,6 @@ impl FileRangeBody {
             reading: None,
         }
     }
-}
-
-/// Reads exactly `len` bytes at `offset` (fewer only at end of file).
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 impl http_body::Body for FileRangeBody {

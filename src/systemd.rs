@@ -22,9 +22,9 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::cli::{human_age, human_bytes};
 use crate::health::{Liveness, Stall};
 use crate::journal::{self, Journal, Queue, State};
+use crate::util::human::{human_age, human_bytes};
 
 /// How often `STATUS=` and the journal metrics are refreshed.
 pub const STATUS_EVERY: Duration = Duration::from_secs(5);

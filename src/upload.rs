@@ -8,7 +8,7 @@
 //! carry data (small objects and parts), across all files: a semaphore permit is held while a
 //! part is sent. Before that, a file or part is read and hashed under a second permit (twice
 //! `upload.concurrency` of them), so hashing overlaps sending and the digests of several files
-//! meet on the hashing thread ([`crate::hasher`]). Memory is therefore a few chunk buffers per
+//! meet on the hashing thread ([`crate::util::hasher`]). Memory is therefore a few chunk buffers per
 //! permit, whatever the part and file sizes: parts are never held in memory, they are read
 //! twice from the file (once to hash, once to send), which costs page-cache reads but keeps the
 //! daemon small.
@@ -50,12 +50,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Settings;
 use crate::delete::DeleteJob;
-use crate::fsutil::{Identity, Root};
-use crate::hasher::Hasher;
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
-use crate::md5pair::Md5Pair;
 use crate::store::{self, Body, ErrorKind, FileRange, Store, StoreError};
-use crate::throttle::{Bandwidth, Windows};
+use crate::util::fs::{Identity, Root};
+use crate::util::hasher::Hasher;
+use crate::util::keys::{SOURCE_META, source_tag};
+use crate::util::md5pair::Md5Pair;
+use crate::util::throttle::{Bandwidth, Windows};
 
 /// S3 and OSS allow at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
@@ -72,19 +73,6 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
     let needed = size.div_ceil(MAX_PARTS);
     let needed = needed.div_ceil(MIB) * MIB;
     configured.max(needed)
-}
-
-/// User metadata naming the exact file version an object was made from:
-/// `generation:dev:inode:size:mtime_ns`. After a crash between completing an upload and
-/// recording it, a HEAD that shows this (and the right size) proves the object is already
-/// this file, so it is not uploaded again.
-pub const SOURCE_META: &str = "ro-source";
-
-fn source_tag(generation: i64, id: &Identity) -> String {
-    format!(
-        "{generation}:{}:{}:{}:{}",
-        id.dev, id.ino, id.size, id.mtime_ns
-    )
 }
 
 /// The whole file's CRC-64/XZ, fed in file order alongside the MD5s.
@@ -121,7 +109,7 @@ pub struct UploadStats {
     /// Total size of the files in `active_files` (the `STATUS=` line).
     pub active_bytes: AtomicU64,
     /// Beats every pass of the scheduler (liveness; see `crate::health`).
-    pub heartbeat: Arc<crate::health::Heartbeat>,
+    pub heartbeat: Arc<crate::util::heartbeat::Heartbeat>,
 }
 
 /// Capped exponential backoff with jitter.
@@ -243,8 +231,7 @@ impl Uploader {
         let permits = Arc::new(Semaphore::new(settings.config.upload.concurrency));
         let prepared = Arc::new(Semaphore::new(2 * settings.config.upload.concurrency));
         let limit = Bandwidth::new(settings.config.upload.max_bytes_per_sec).map(Arc::new);
-        // Validated with the config; an error here leaves uploads unrestricted in time.
-        let windows = Windows::parse(&settings.config.upload.windows).unwrap_or_default();
+        let windows = settings.windows.clone();
         Arc::new(Uploader {
             settings,
             store,
@@ -674,7 +661,7 @@ impl Uploader {
                 })
                 .await?;
         }
-        crate::failpoint::hit("after-uploaded");
+        crate::util::failpoint::hit("after-uploaded");
         self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
         crate::metrics::upload_complete(identity.size, started.elapsed());
         info!(
@@ -724,7 +711,7 @@ impl Uploader {
             let mut digest = std::mem::replace(&mut crc.0, crc64fast::Digest::new());
             let (b, got, digest) = tokio::task::spawn_blocking(move || {
                 buf.resize(n, 0);
-                let got = crate::store::read_full_at(&f, &mut buf[..n], pos);
+                let got = crate::util::fs::read_full_at(&f, &mut buf[..n], pos);
                 if let Ok(got) = got {
                     digest.write(&buf[..got]);
                 }
@@ -769,7 +756,7 @@ impl Uploader {
             let announced = self.hasher.announce();
             let (buf, digest) = tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
                 let mut buf = vec![0u8; size as usize];
-                let got = crate::store::read_full_at(&f, &mut buf, 0)
+                let got = crate::util::fs::read_full_at(&f, &mut buf, 0)
                     .map_err(|e| TaskError::Io(format!("read: {e}")))?;
                 if got < buf.len() {
                     return Err(TaskError::Changed);
@@ -1012,7 +999,7 @@ impl Uploader {
                         Err(e) => return Err(e.into()),
                     }
                 };
-                crate::failpoint::hit("after-create");
+                crate::util::failpoint::hit("after-create");
                 // Committed before the first part is sent, so the upload is never unknown.
                 let u = uid.clone();
                 let res = self
@@ -1187,7 +1174,7 @@ impl Uploader {
                 Err(e) => return Err(e.into()),
             }
         }
-        crate::failpoint::hit("after-complete");
+        crate::util::failpoint::hit("after-complete");
         Ok((md5_hex, crc64))
     }
 
@@ -1287,7 +1274,7 @@ impl Uploader {
             drop(held);
             match res {
                 Ok(etag) => {
-                    crate::failpoint::hit("after-part");
+                    crate::util::failpoint::hit("after-part");
                     self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                     let part = PartRow {
                         part_number,
@@ -1303,7 +1290,7 @@ impl Uploader {
                             journal::record_part(c, id, generation, &uid, &p)
                         })
                         .await?;
-                    crate::failpoint::hit("after-part-committed");
+                    crate::util::failpoint::hit("after-part-committed");
                     return Ok(part);
                 }
                 Err(e) if e.kind == ErrorKind::NoSuchUpload => return Err(e.into()),

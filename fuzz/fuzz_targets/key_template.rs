@@ -10,8 +10,8 @@ use std::path::Path;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use record_offload::fsutil::check_rel;
-use record_offload::keys::{KeyTemplate, MAX_KEY_BYTES};
+use record_offload::util::fs::check_rel;
+use record_offload::util::keys::{KeyTemplate, MAX_KEY_BYTES};
 
 #[derive(Debug, Arbitrary)]
 struct Input<'a> {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use record_offload::fsutil::check_rel;
+use record_offload::util::fs::check_rel;
 use record_offload::lookup::legacy::{check_invariants, parse_legacy};
 
 /// The first input byte picks the legacy prefix, so prefix handling is fuzzed too.

@@ -47,7 +47,7 @@ use rusqlite::{Connection, OpenFlags};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::health::Heartbeat;
+use crate::util::heartbeat::Heartbeat;
 
 #[derive(Debug, Error)]
 pub enum JournalError {

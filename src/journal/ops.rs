@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::JournalError;
-use crate::fsutil::Identity;
+use crate::util::fs::Identity;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -35,6 +35,8 @@ use hmac::{Hmac, Mac};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode};
 use sha2::Sha256;
 
+use crate::util::net::Cidr;
+
 /// The most nonces remembered at once.
 pub const MAX_NONCES: usize = 1_000_000;
 const MAX_NONCE_LEN: usize = 64;
@@ -45,55 +47,6 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// An IPv4 or IPv6 network (`10.0.0.0/8`, `::1/128`, or a single address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("expected an address or ADDRESS/PREFIX (10.0.0.0/8, ::1), got {s:?}");
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= max => p,
-                _ => return Err(bad()),
-            },
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
 /// The `lookup.allow` list: empty allows everyone.
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
@@ -101,12 +54,9 @@ pub struct AllowList {
 }
 
 impl AllowList {
-    pub fn new(entries: &[String]) -> Result<AllowList, String> {
-        let nets = entries
-            .iter()
-            .map(|e| Cidr::parse(e))
-            .collect::<Result<_, _>>()?;
-        Ok(AllowList { nets })
+    /// From `lookup.allow`, parsed by the config's validation.
+    pub fn new(nets: Vec<Cidr>) -> AllowList {
+        AllowList { nets }
     }
 
     /// `None` is a Unix-socket peer, always allowed.
@@ -508,7 +458,7 @@ mod tests {
         for bad in ["", "10.0.0.0/33", "::/129", "x", "10.0.0/8", "10.0.0.0/-1"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
-        let list = AllowList::new(&["192.168.0.0/16".to_string()]).unwrap();
+        let list = AllowList::new(vec![Cidr::parse("192.168.0.0/16").unwrap()]);
         assert!(list.allows(None));
         assert!(list.allows(Some("192.168.1.1".parse().unwrap())));
         assert!(!list.allows(Some("127.0.0.1".parse().unwrap())));

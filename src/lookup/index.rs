@@ -54,7 +54,7 @@ use rusqlite::Connection;
 use tracing::{info, warn};
 
 use crate::journal::JournalError;
-use crate::keys::KeyTemplate;
+use crate::util::keys::KeyTemplate;
 
 /// Entries kept in the journal's `unstored` log (the schema's triggers trim it).
 pub const LOG_KEPT: i64 = 10_000;

@@ -46,16 +46,17 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::config::{ListenAddr, Settings, normalize_host};
-use crate::fsutil::{Identity, Root};
+use crate::config::{ListenAddr, Settings};
 use crate::journal::{JournalError, State};
-use crate::keys::KeyTemplate;
 use crate::lookup::index::{Entry, KeyRule, LookupIndex, StoredRow};
 use crate::lookup::legacy::{BadPath, parse_legacy};
 use crate::lookup::sign::SignError;
 use crate::lookup::signer::{Signed, Signer};
 use crate::store::{Store, StoreError};
-use crate::watch::filter::Filter;
+use crate::util::filter::Filter;
+use crate::util::fs::{Identity, Root};
+use crate::util::keys::KeyTemplate;
+use crate::util::net::{normalize_host, strip_port};
 
 /// Bytes kept as they are in the URL paths this agent hands out.
 const PATH_SAFE: &AsciiSet = &NON_ALPHANUMERIC
@@ -582,12 +583,8 @@ pub enum ResolverError {
         #[source]
         source: std::io::Error,
     },
-    #[error("storage.key_template: {0}")]
-    Template(String),
     #[error("lookup signing: {0}")]
     Sign(#[from] SignError),
-    #[error("nodes: {0}")]
-    Nodes(String),
 }
 
 /// `lookup.public_url`, or `http://` + the first TCP listen address.
@@ -614,8 +611,6 @@ impl Resolver {
         store: Option<Store>,
     ) -> Result<Resolver, ResolverError> {
         let cfg = &settings.config;
-        let template =
-            KeyTemplate::parse(&cfg.storage.key_template).map_err(ResolverError::Template)?;
         let root = Root::open(&cfg.watch.root).map_err(|source| ResolverError::Root {
             path: cfg.watch.root.clone(),
             source,
@@ -624,17 +619,13 @@ impl Resolver {
         let signer = Signer::new(settings)?;
         let mut nodes = Vec::new();
         let mut hosts = HashMap::new();
-        for n in &cfg.nodes {
-            if n.name == cfg.node.name {
-                continue;
-            }
+        for n in &settings.other_nodes {
             for h in &n.legacy_hosts {
-                let h = normalize_host(h).map_err(ResolverError::Nodes)?;
-                hosts.insert(h, nodes.len());
+                hosts.insert(h.clone(), nodes.len());
             }
             nodes.push(Node {
                 name: n.name.clone(),
-                lookup_url: n.lookup_url.trim_end_matches('/').to_string(),
+                lookup_url: n.lookup_url.clone(),
             });
         }
         let prefix_path = cfg
@@ -647,8 +638,8 @@ impl Resolver {
             legacy_prefix: cfg.lookup.legacy_prefix.clone(),
             prefix_path,
             node: cfg.node.name.clone(),
-            template,
-            filter: Filter::new(settings.include.clone(), settings.exclude.clone()),
+            template: settings.template.clone(),
+            filter: settings.filter.clone(),
             root,
             journal,
             signer,
@@ -874,20 +865,6 @@ fn hex_md5(md5: &[u8; 16]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `host:port` → `host`; `[v6]:port` → `[v6]`.
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host,
-        };
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
-
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -903,8 +880,8 @@ pub type SharedResolver = Arc<Resolver>;
 mod tests {
     use super::*;
     use crate::config::{self, Config, NodeEntry};
-    use crate::fsutil::Identity;
     use crate::journal;
+    use crate::util::fs::Identity;
     use std::ffi::OsStr;
 
     struct T {
@@ -1365,13 +1342,5 @@ mod tests {
             }
         }
         assert_eq!(hex_md5(&[0xab; 16]), "ab".repeat(16));
-    }
-
-    #[test]
-    fn ports_are_stripped() {
-        assert_eq!(strip_port("h:80"), "h");
-        assert_eq!(strip_port("h"), "h");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("::1"), "::1");
     }
 }

@@ -109,8 +109,6 @@ pub enum ServerError {
     },
     #[error("lookup.listen unix:{0}: another process is serving this socket")]
     InUse(PathBuf),
-    #[error("lookup.allow: {0}")]
-    Allow(String),
     #[error("cannot start the look-up server: {0}")]
     Thread(#[source] io::Error),
 }
@@ -211,7 +209,7 @@ impl Limits {
 struct AppState {
     resolver: Arc<Resolver>,
     /// Content types by extension (the uploader sends the same ones).
-    media: crate::media::MediaTypes,
+    media: crate::util::media::MediaTypes,
     auth: Option<Auth>,
     auth_legacy: bool,
     hooks: Hooks,
@@ -327,7 +325,7 @@ pub fn serve(
     tracker: &TaskTracker,
 ) -> Result<(), ServerError> {
     let lk = &settings.config.lookup;
-    let allow = Arc::new(AllowList::new(&lk.allow).map_err(ServerError::Allow)?);
+    let allow = Arc::new(AllowList::new(settings.allow.clone()));
     let state_resolver = resolver.clone();
     let state = Arc::new(AppState {
         resolver,
@@ -830,7 +828,7 @@ async fn serve_file(
     p: Pending,
     req: &HeaderMap,
     head: bool,
-    media: &crate::media::MediaTypes,
+    media: &crate::util::media::MediaTypes,
 ) -> Response {
     let size = p.identity.size;
     let etag = etag(&p);
@@ -971,7 +969,7 @@ fn file_stream(
                     let f = file.clone();
                     let read = tokio::task::spawn_blocking(move || {
                         let mut buf = vec![0u8; n];
-                        let got = crate::store::read_full_at(&f, &mut buf, offset)?;
+                        let got = crate::util::fs::read_full_at(&f, &mut buf, offset)?;
                         if got < n {
                             return Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,

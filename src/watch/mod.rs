@@ -17,7 +17,6 @@
 //! kernel queue may then overflow, which only causes a rescan). Nothing here writes the journal;
 //! scans read it to skip files it already knows.
 
-pub mod filter;
 pub mod scan;
 pub mod writers;
 
@@ -33,9 +32,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::fsutil::Identity;
 use crate::journal::{self, State};
-use filter::Filter;
+use crate::util::filter::Filter;
+use crate::util::fs::Identity;
 
 /// A file that is finished and ready for the journal.
 #[derive(Debug, Clone)]
@@ -66,7 +65,7 @@ pub struct WatchStats {
     /// Unix seconds of the last completed scan.
     pub last_scan_unix: AtomicU64,
     /// Beats every pass of the settle loop (liveness; see `crate::health`).
-    pub heartbeat: Arc<crate::health::Heartbeat>,
+    pub heartbeat: Arc<crate::util::heartbeat::Heartbeat>,
 }
 
 struct Pending {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use walkdir::WalkDir;
 
-use super::filter::Filter;
-use crate::fsutil::Identity;
+use crate::util::filter::Filter;
+use crate::util::fs::Identity;
 
 #[derive(Debug, Default)]
 pub struct ScanResult {

@@ -18,6 +18,8 @@ use std::fmt::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::util::fs::Identity;
+
 /// S3 and OSS refuse keys over 1024 bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 
@@ -140,6 +142,19 @@ impl KeyTemplate {
         }
         out
     }
+}
+
+/// User metadata naming the exact file version an object was made from:
+/// `generation:dev:inode:size:mtime_ns`. After a crash between completing an upload and
+/// recording it, a HEAD that shows this (and the right size) proves the object is already
+/// this file, so it is not uploaded again.
+pub const SOURCE_META: &str = "ro-source";
+
+pub fn source_tag(generation: i64, id: &Identity) -> String {
+    format!(
+        "{generation}:{}:{}:{}:{}",
+        id.dev, id.ino, id.size, id.mtime_ns
+    )
 }
 
 fn push_path(key: &mut String, rel: &Path) {

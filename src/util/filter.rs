@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use globset::GlobSet;
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 /// Globs are matched against the path relative to the root. A file is taken when an include
 /// glob matches it and no exclude glob matches it or any directory above it, so excluding a
@@ -11,6 +11,39 @@ use globset::GlobSet;
 pub struct Filter {
     include: GlobSet,
     exclude: GlobSet,
+}
+
+/// A glob that does not compile: its index in the list and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadGlob {
+    /// The entry's index; `None` when the set as a whole could not be built.
+    pub index: Option<usize>,
+    pub message: String,
+}
+
+/// Compiles a list of globs as the config spells them: `*` stays inside one path component,
+/// `**` crosses them, a backslash escapes the next character.
+pub fn glob_set(patterns: &[String]) -> Result<GlobSet, BadGlob> {
+    let mut builder = GlobSetBuilder::new();
+    for (i, pattern) in patterns.iter().enumerate() {
+        let glob = compile_glob(pattern).map_err(|e| BadGlob {
+            index: Some(i),
+            message: format!("bad glob {pattern:?}: {e}"),
+        })?;
+        builder.add(glob);
+    }
+    builder.build().map_err(|e| BadGlob {
+        index: None,
+        message: format!("bad glob set: {e}"),
+    })
+}
+
+fn compile_glob(pattern: &str) -> Result<Glob, globset::Error> {
+    GlobBuilder::new(pattern)
+        // `*` stays inside one path component; `**` crosses them.
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
 }
 
 impl Filter {
@@ -47,19 +80,13 @@ impl Filter {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::config;
 
     fn filter(include: &[&str], exclude: &[&str]) -> Filter {
-        let dir = tempfile::tempdir().unwrap();
-        let toml = format!(
-            "[watch]\nroot = {:?}\ninclude = {:?}\nexclude = {:?}\n[journal]\npath = {:?}\n[storage]\nbucket = \"rec\"\naccess_key_id = \"a\"\naccess_key_secret = \"b\"\n",
-            dir.path().display().to_string(),
-            include,
-            exclude,
-            dir.path().join("j.db").display().to_string()
-        );
-        let s = config::from_toml_str(&toml).unwrap();
-        Filter::new(s.include, s.exclude)
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        Filter::new(
+            glob_set(&list(include)).unwrap(),
+            glob_set(&list(exclude)).unwrap(),
+        )
     }
 
     #[test]

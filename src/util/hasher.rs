@@ -23,7 +23,7 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::md5pair::{LANES, Md5Pair, Single, compress_lanes};
+use crate::util::md5pair::{LANES, Md5Pair, Single, compress_lanes};
 
 /// Blocks run for the waiting jobs before new arrivals are let in (256 KiB).
 const STEP_BLOCKS: usize = 4096;
@@ -290,7 +290,7 @@ fn serve(rx: mpsc::Receiver<Job>, coming: &AtomicUsize) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::md5pair::tests::{data, reference};
+    use crate::util::md5pair::tests::{data, reference};
 
     /// Many files and multipart chunks hashed at once, of every alignment, on the thread and
     /// inline: every digest is right.
