@@ -192,16 +192,7 @@ pub fn main() -> ExitCode {
             }
             match config::load_without_secret(&source) {
                 Err(e) => fail(&e.to_string(), 2),
-                Ok(s) => match journal::open_rw(&s.config.journal.path)
-                    .and_then(|c| journal::requeue_failed(&c, id))
-                {
-                    Ok(0) if id.is_some() => fail("no failed row with that id", 1),
-                    Ok(n) => {
-                        println!("re-queued {n} file(s)");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => fail(&e.to_string(), 2),
-                },
+                Ok(s) => retry(&s, id),
             }
         }
         Command::Import { dry_run, json } => import(&source, dry_run, json),
@@ -213,6 +204,31 @@ pub fn main() -> ExitCode {
             listen,
             bucket,
         } => dev_s3(&data, listen, &bucket),
+    }
+}
+
+/// `retry`: failed rows go back to the queue under the key the template renders now (a row
+/// recorded without one, or under an older template, is mended).
+fn retry(settings: &Settings, id: Option<i64>) -> ExitCode {
+    let node = &settings.config.node.name;
+    let key_of = |rel: &std::path::Path| settings.template.render(node, rel);
+    let done = journal::open_rw(&settings.config.journal.path)
+        .and_then(|c| journal::requeue_failed(&c, id, &key_of));
+    match done {
+        Err(e) => fail(&e.to_string(), 2),
+        Ok(r) => {
+            for (path, why) in &r.kept {
+                eprintln!("record-offload: kept failed: {}: {why}", path.display());
+            }
+            if r.queued == 0 && id.is_some() {
+                return match r.kept.first() {
+                    Some((_, why)) => fail(&format!("cannot re-queue: {why}"), 1),
+                    None => fail("no failed row with that id", 1),
+                };
+            }
+            println!("re-queued {} file(s)", r.queued);
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -556,25 +556,7 @@ async fn abort_stray_uploads(store: Store, journal: Journal, prefix: String) {
     if listed.is_empty() {
         return;
     }
-    let known: HashSet<String> = match journal
-        .read(|c| {
-            let mut ids = HashSet::new();
-            for st in [
-                State::Queued,
-                State::Uploading,
-                State::Failed,
-                State::Settling,
-            ] {
-                for row in journal::in_state(c, st)? {
-                    if let Some(u) = row.upload_id {
-                        ids.insert(u);
-                    }
-                }
-            }
-            Ok(ids)
-        })
-        .await
-    {
+    let known: HashSet<String> = match journal.read(journal::open_upload_ids).await {
         Ok(k) => k,
         Err(e) => {
             warn!(error = %e, "cannot read the journal to find stray uploads");

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -124,14 +124,7 @@ pub fn import(
                 })
                 .collect(),
             Some(c) if dry_run => record(c, chunk, template, settings, true)?,
-            Some(c) => {
-                let tx = c
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(JournalError::from)?;
-                let out = record(&tx, chunk, template, settings, false)?;
-                tx.commit().map_err(JournalError::from)?;
-                out
-            }
+            Some(c) => journal::write_batch(c, |tx| record(tx, chunk, template, settings, false))?,
         };
         for ((rel, id), outcome) in chunk.iter().zip(outcomes) {
             match outcome {

@@ -264,7 +264,13 @@ async fn access_denied_is_permanent_until_retry() {
 
     proxy.set(Fault::None);
     let conn = journal::open_rw(&env.journal_path).unwrap();
-    assert_eq!(journal::requeue_failed(&conn, Some(row.id)).unwrap(), 1);
+    let key_of = |rel: &std::path::Path| Ok(env.key(&rel.to_string_lossy()));
+    assert_eq!(
+        journal::requeue_failed(&conn, Some(row.id), &key_of)
+            .unwrap()
+            .queued,
+        1
+    );
     env.wait_state("denied.mp4", State::Deleted, T).await;
     assert_eq!(
         env.get(&env.key("denied.mp4")).await.unwrap(),

@@ -506,7 +506,13 @@ async fn permission_denied_on_a_file() {
     // Fixed by the operator, retried: stored.
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     let conn = journal::open_rw(&env.journal_path).unwrap();
-    assert_eq!(journal::requeue_failed(&conn, Some(row.id)).unwrap(), 1);
+    let key_of = |rel: &std::path::Path| Ok(env.key(&rel.to_string_lossy()));
+    assert_eq!(
+        journal::requeue_failed(&conn, Some(row.id), &key_of)
+            .unwrap()
+            .queued,
+        1
+    );
     drop(conn);
     env.wait_state("secret.mp4", State::Deleted, T).await;
     assert_eq!(

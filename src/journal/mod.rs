@@ -30,24 +30,43 @@
 //! failing job does not undo the others) and their callers are answered after the commit.
 //! Commits are `synchronous = NORMAL` (safe against a killed process) unless a job in the
 //! group asked for [`Durability::Sync`], which is used where an irreversible step follows
-//! (unlinking the local file) so that a power cut cannot lose the `uploaded` row either.
-//! Reads use a small pool of read-only connections on the blocking thread pool; WAL lets them
-//! run while the writer commits, and lets the CLI read while the daemon runs.
+//! (unlinking the local file) so that a power cut cannot lose the `uploaded` row either; if
+//! the writer cannot switch to `synchronous = FULL`, those jobs are refused, never committed
+//! at NORMAL. Reads use a small pool of read-only connections on the blocking thread pool;
+//! WAL lets them run while the writer commits, and lets the CLI read while the daemon runs.
+//! Look-ups read on their own thread through [`LookupReader`].
+//!
+//! # Files
+//!
+//! Every SQL statement of the crate is in this module, behind a named function:
+//!
+//! - `schema`: tables, triggers and migrations (`PRAGMA user_version`).
+//! - `writer`: [`Journal`], the writer thread and the daemon's read pool.
+//! - `rows`: [`State`], [`FileRow`] and the queries that read rows.
+//! - `transitions`: every write of the state machine.
+//! - `status`: figures for `status`, `STATUS=` and the metrics.
+//! - `reader`: look-ups' shared read snapshots, the stored-row scan and the `unstored` log
+//!   the look-up index follows.
 
-mod ops;
+mod reader;
+mod rows;
 mod schema;
+mod status;
+mod transitions;
+mod writer;
 
-pub use ops::*;
+pub use reader::*;
+pub use rows::*;
+pub use schema::UNSTORED_LOG_KEPT;
+pub use status::*;
+pub use transitions::*;
+pub use writer::Journal;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
-
-use crate::util::heartbeat::Heartbeat;
 
 #[derive(Debug, Error)]
 pub enum JournalError {
@@ -86,64 +105,6 @@ pub enum Durability {
     Normal,
     /// Survives a power cut: used before irreversible steps.
     Sync,
-}
-
-type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
-
-/// A queued write: run it inside the group's transaction, or refuse it if there is none.
-trait WriteJob: Send {
-    fn durability(&self) -> Durability;
-    fn run(self: Box<Self>, conn: &Connection) -> Done;
-    fn refuse(self: Box<Self>, error: String);
-}
-
-struct JobImpl<T, F> {
-    durability: Durability,
-    f: F,
-    reply: oneshot::Sender<Result<T, JournalError>>,
-}
-
-impl<T, F> WriteJob for JobImpl<T, F>
-where
-    T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
-{
-    fn durability(&self) -> Durability {
-        self.durability
-    }
-
-    fn run(self: Box<Self>, conn: &Connection) -> Done {
-        let JobImpl { f, reply, .. } = *self;
-        let result = in_savepoint(conn, f);
-        Box::new(move |commit: Result<(), String>| {
-            let out = match (result, commit) {
-                (Err(e), _) => Err(e),
-                (Ok(_), Err(e)) => Err(JournalError::Invalid(format!("commit failed: {e}"))),
-                (Ok(v), Ok(())) => Ok(v),
-            };
-            let _ = reply.send(out);
-        })
-    }
-
-    fn refuse(self: Box<Self>, error: String) {
-        let _ = self.reply.send(Err(JournalError::Invalid(error)));
-    }
-}
-
-type Job = Box<dyn WriteJob>;
-
-/// Handle to the journal for the daemon (cheap to clone).
-#[derive(Clone)]
-pub struct Journal {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    path: PathBuf,
-    tx: mpsc::Sender<Job>,
-    readers: Mutex<Vec<Connection>>,
-    /// Beats after every commit of the writer thread (liveness; see `crate::health`).
-    heartbeat: Arc<Heartbeat>,
 }
 
 /// Opens (creating if needed) the journal with the pragmas every connection uses and brings the
@@ -217,96 +178,8 @@ pub fn open_ro(path: &Path) -> Result<Connection, JournalError> {
     Ok(conn)
 }
 
-impl Journal {
-    /// Opens the journal and starts its writer thread.
-    pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let conn = open_rw(path)?;
-        let (tx, rx) = mpsc::channel::<Job>(4096);
-        let heartbeat = Arc::new(Heartbeat::default());
-        let beat = heartbeat.clone();
-        std::thread::Builder::new()
-            .name("journal-writer".to_string())
-            .spawn(move || writer_loop(conn, rx, &beat))
-            .map_err(|e| JournalError::Invalid(format!("cannot start writer thread: {e}")))?;
-        Ok(Journal {
-            inner: Arc::new(Inner {
-                path: path.to_path_buf(),
-                tx,
-                readers: Mutex::new(Vec::new()),
-                heartbeat,
-            }),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// The writer thread's heartbeat: the last time it finished a transaction.
-    pub fn heartbeat(&self) -> Arc<Heartbeat> {
-        self.inner.heartbeat.clone()
-    }
-
-    /// An empty transaction: proves the writer thread still commits (liveness probe).
-    pub async fn probe(&self) -> Result<(), JournalError> {
-        self.write(Durability::Normal, |_| Ok(())).await
-    }
-
-    /// False once the writer thread has stopped (nothing can be committed any more).
-    pub fn is_running(&self) -> bool {
-        !self.inner.tx.is_closed()
-    }
-
-    /// Runs `f` in the writer thread inside a transaction and returns its result once the
-    /// transaction is committed. An error from `f` rolls back only `f`'s changes.
-    pub async fn write<T, F>(&self, durability: Durability, f: F) -> Result<T, JournalError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
-    {
-        let (reply, orx) = oneshot::channel::<Result<T, JournalError>>();
-        let job: Job = Box::new(JobImpl {
-            durability,
-            f,
-            reply,
-        });
-        self.inner
-            .tx
-            .send(job)
-            .await
-            .map_err(|_| JournalError::Closed)?;
-        orx.await.map_err(|_| JournalError::Closed)?
-    }
-
-    /// Runs `f` on a read-only connection on the blocking pool.
-    pub async fn read<T, F>(&self, f: F) -> Result<T, JournalError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
-    {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = match inner.readers.lock() {
-                Ok(mut pool) => pool.pop(),
-                Err(_) => None,
-            };
-            let conn = match conn {
-                Some(c) => c,
-                None => open_ro(&inner.path)?,
-            };
-            let out = f(&conn);
-            if let Ok(mut pool) = inner.readers.lock()
-                && pool.len() < 8
-            {
-                pool.push(conn);
-            }
-            out
-        })
-        .await
-        .map_err(|e| JournalError::Invalid(format!("read task failed: {e}")))?
-    }
-}
-
+/// Runs `f` inside a savepoint: its changes are kept together or not at all, whether or not
+/// a transaction is open around it.
 fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, JournalError>,
@@ -324,41 +197,14 @@ fn in_savepoint<T>(
     }
 }
 
-/// Most jobs committed in one transaction.
-const MAX_GROUP: usize = 512;
-
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, heartbeat: &Heartbeat) {
-    let mut sync_mode = false;
-    while let Some(first) = rx.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        let want_sync = group.iter().any(|j| j.durability() == Durability::Sync);
-        if want_sync != sync_mode {
-            let mode = if want_sync { "FULL" } else { "NORMAL" };
-            if conn.pragma_update(None, "synchronous", mode).is_ok() {
-                sync_mode = want_sync;
-            }
-        }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = format!("cannot begin a transaction: {e}");
-            for job in group {
-                job.refuse(msg.clone());
-            }
-            continue;
-        }
-        let done: Vec<Done> = group.into_iter().map(|job| job.run(&conn)).collect();
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-        if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for d in done {
-            d(commit.clone());
-        }
-        heartbeat.beat();
-    }
+/// Runs `f` in a write transaction of its own (`BEGIN IMMEDIATE`): a command writing beside
+/// the running daemon (`import`) takes its turn with the daemon's writer for the whole batch.
+pub fn write_batch<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Connection) -> Result<T, JournalError>,
+) -> Result<T, JournalError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let out = f(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }

@@ -10,6 +10,9 @@ use super::JournalError;
 /// The schema version this build writes.
 pub const VERSION: i64 = 4;
 
+/// Entries the `unstored` log keeps (the triggers of schema 3 trim it to this many).
+pub const UNSTORED_LOG_KEPT: i64 = 10_000;
+
 const MIGRATIONS: &[&str] = &[
     // 1: files and their multipart parts.
     r#"
@@ -60,7 +63,7 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO meta (k, v) VALUES ('barrier', 0);
     "#,
     // 3: the log of paths whose stored row went away or changed, which the look-up index
-    // (src/lookup/index.rs) follows; kept to its last 10,000 entries. Triggers, so that every
+    // (`crate::lookup::index`) follows; kept to its last 10,000 entries. Triggers, so that every
     // writer appends to it: the daemon, `import`, or someone with sqlite3.
     r#"
     CREATE TABLE unstored (

@@ -29,12 +29,12 @@
 //! whoever writes, the daemon, `record-offload import` or an operator with `sqlite3`.
 //!
 //! Look-ups share one read snapshot of the journal for up to 10 ms
-//! ([`crate::lookup::resolve::JournalReader`]). When a snapshot begins, the log entries the
-//! index has not seen are applied first; entries added during the snapshot come from that
-//! same snapshot. So index and journal agree as of the snapshot in use, and answers lag a
+//! ([`crate::journal::LookupReader`]). When a snapshot begins, the log entries the index has
+//! not seen are applied first; entries added during the snapshot come from that same
+//! snapshot. So index and journal agree as of the snapshot in use, and answers lag a
 //! commit by at most the snapshot's age, as journal reads do.
 //!
-//! The log keeps its last [`LOG_KEPT`] entries. An index that fell further behind (the look-up
+//! The log keeps its last [`UNSTORED_LOG_KEPT`] entries. An index that fell further behind (the look-up
 //! server idle while that many stored files were recorded again) cannot know what it missed:
 //! it is dropped and built again, and look-ups read the journal meanwhile.
 //!
@@ -44,20 +44,19 @@
 //! key of the path asked for.
 
 use std::hash::{BuildHasher, RandomState};
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
 use tracing::{info, warn};
 
-use crate::journal::JournalError;
+#[cfg(doc)]
+use crate::journal::UNSTORED_LOG_KEPT;
+use crate::journal::{self, JournalError, Snapshot, SnapshotCache, StoredRow};
 use crate::util::keys::KeyTemplate;
-
-/// Entries kept in the journal's `unstored` log (the schema's triggers trim it).
-pub const LOG_KEPT: i64 = 10_000;
 /// The largest file size an entry holds (48 bits); larger files are read from the journal.
 const MAX_SIZE: u64 = (1 << 48) - 1;
 /// The smallest table.
@@ -298,14 +297,6 @@ impl KeyRule {
     }
 }
 
-/// A stored row as the journal has it, to be indexed.
-pub struct StoredRow<'a> {
-    pub path: &'a [u8],
-    pub key: &'a str,
-    pub size: u64,
-    pub md5: Option<&'a str>,
-}
-
 /// An index and the last `unstored` log entry applied to it.
 struct Live {
     table: Table,
@@ -313,7 +304,7 @@ struct Live {
 }
 
 /// The index as look-ups use it: built in the background, kept current from the log. All
-/// calls are made under the journal reader's snapshot lock, with that snapshot's connection.
+/// calls are made under the journal reader's snapshot lock, with that snapshot.
 pub struct LookupIndex {
     fingerprints: Arc<Fingerprinter>,
     rule: Arc<KeyRule>,
@@ -327,7 +318,7 @@ pub struct LookupIndex {
 
 impl LookupIndex {
     /// An index of at most `max_rows` entries for the journal at `journal`, not built yet
-    /// ([`LookupIndex::start`], or the first [`LookupIndex::refresh`], starts the build).
+    /// ([`LookupIndex::start`], or the first refresh, starts the build).
     pub fn new(journal: &Path, rule: KeyRule, max_rows: usize) -> LookupIndex {
         LookupIndex {
             fingerprints: Arc::new(Fingerprinter::new()),
@@ -359,14 +350,7 @@ impl LookupIndex {
         self.live.is_some()
     }
 
-    /// Brings the index up to the snapshot `conn` is in: adopts a finished build, applies the
-    /// log entries not applied yet, and starts a build when there is no usable index.
-    pub fn refresh(&mut self, conn: &Connection) {
-        self.catch_up(conn);
-        crate::metrics::lookup_index_entries(self.len());
-    }
-
-    fn catch_up(&mut self, conn: &Connection) {
+    fn catch_up(&mut self, snapshot: &Snapshot<'_>) {
         if let Some(rx) = &self.building {
             match rx.try_recv() {
                 Ok(Ok(live)) => {
@@ -397,7 +381,7 @@ impl LookupIndex {
             }
         }
         if let Some(live) = &mut self.live {
-            match apply_log(live, conn, &self.fingerprints) {
+            match apply_log(live, snapshot, &self.fingerprints) {
                 Ok(true) => return,
                 Ok(false) => {
                     info!("the look-up index fell behind the journal's log; building it again");
@@ -431,16 +415,31 @@ impl LookupIndex {
             Err(e) => warn!(error = %e, "cannot start the look-up index build"),
         }
     }
+}
+
+impl SnapshotCache for LookupIndex {
+    type Hit = Entry;
+
+    /// Brings the index up to the snapshot: adopts a finished build, applies the log entries
+    /// not applied yet, and starts a build when there is no usable index.
+    fn refresh(&mut self, snapshot: &Snapshot<'_>) {
+        self.catch_up(snapshot);
+        crate::metrics::lookup_index_entries(self.len());
+    }
+
+    fn wants_refresh(&self) -> bool {
+        self.is_building()
+    }
 
     /// The stored file at `rel`, if the index holds it.
-    pub fn get(&self, rel: &Path) -> Option<Entry> {
+    fn get(&self, rel: &Path) -> Option<Entry> {
         let live = self.live.as_ref()?;
         live.table
             .get(self.fingerprints.of(rel.as_os_str().as_bytes()))
     }
 
     /// Records a stored row read from the current snapshot.
-    pub fn learn(&mut self, row: StoredRow<'_>) {
+    fn learn(&mut self, row: StoredRow<'_>) {
         let Some(live) = &mut self.live else {
             return;
         };
@@ -471,92 +470,61 @@ fn parse_md5(hex: &str) -> Option<[u8; 16]> {
 /// seen, so the index cannot be trusted.
 fn apply_log(
     live: &mut Live,
-    conn: &Connection,
+    snapshot: &Snapshot<'_>,
     fps: &Fingerprinter,
 ) -> Result<bool, JournalError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, path FROM unstored WHERE seq > ?1 ORDER BY seq")?;
-    let mut rows = stmt.query([live.seq])?;
-    while let Some(r) = rows.next()? {
-        let seq: i64 = r.get(0)?;
+    let mut complete = true;
+    snapshot.unstored_after(live.seq, |seq, path| {
         if seq != live.seq + 1 {
-            return Ok(false);
+            complete = false;
+            return false;
         }
         live.seq = seq;
-        let path = r
-            .get_ref(1)?
-            .as_blob_or_null()
-            .map_err(column)?
-            .unwrap_or_default();
         live.table.remove(fps.of(path));
-    }
-    Ok(true)
+        true
+    })?;
+    Ok(complete)
 }
 
-fn column(e: rusqlite::types::FromSqlError) -> JournalError {
-    JournalError::Invalid(format!("unexpected column type: {e}"))
-}
-
-/// Scans the journal's stored rows in one snapshot of its own.
+/// Builds the index from the journal's stored rows, in one snapshot of its own.
 fn build(
     journal: &Path,
     fps: &Fingerprinter,
     rule: &KeyRule,
     max_rows: usize,
 ) -> Result<Live, JournalError> {
-    let conn = crate::journal::open_ro(journal)?;
-    let _ = conn.pragma_update(None, "mmap_size", 1i64 << 30);
-    conn.execute_batch("BEGIN")?;
-    let seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM unstored", [], |r| {
-        r.get(0)
-    })?;
-    let stored: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM files WHERE state IN ('uploaded', 'deleted')",
-        [],
-        |r| r.get(0),
-    )?;
-    let mut table = Table::new(usize::try_from(stored).unwrap_or(0), max_rows);
-    // A whole-table scan reads the table in order; through the state index it would visit
-    // the table at random.
-    let mut stmt = conn.prepare(
-        "SELECT path, key, size, md5 FROM files NOT INDEXED
-         WHERE state IN ('uploaded', 'deleted')",
-    )?;
-    let mut rows = stmt.query([])?;
-    let mut full = false;
-    while let Some(r) = rows.next()? {
-        // A negative size would be a damaged row: left to journal reads.
-        let Ok(size) = u64::try_from(r.get::<_, i64>(2)?) else {
-            continue;
-        };
-        let row = StoredRow {
-            path: r
-                .get_ref(0)?
-                .as_blob_or_null()
-                .map_err(column)?
-                .unwrap_or_default(),
-            key: r.get_ref(1)?.as_str().map_err(column)?,
-            size,
-            md5: r.get_ref(3)?.as_str_or_null().map_err(column)?,
-        };
-        if let Some(entry) = indexable(rule, &row) {
-            if table.len() >= max_rows {
-                full = true;
-                break;
+    let (live, full) = journal::scan_stored(
+        journal,
+        |scan| {
+            let expected = usize::try_from(scan.rows).unwrap_or(0);
+            let table = Table::new(expected, max_rows);
+            (
+                Live {
+                    table,
+                    seq: scan.log_seq,
+                },
+                false,
+            )
+        },
+        |(live, full), row| {
+            let Some(entry) = indexable(rule, &row) else {
+                return ControlFlow::Continue(());
+            };
+            if live.table.len() >= max_rows {
+                *full = true;
+                return ControlFlow::Break(());
             }
-            table.insert(fps.of(row.path), entry);
-        }
-    }
-    drop(rows);
-    drop(stmt);
-    conn.execute_batch("COMMIT")?;
+            live.table.insert(fps.of(row.path), entry);
+            ControlFlow::Continue(())
+        },
+    )?;
     if full {
         warn!(
             max_rows,
             "more stored files than lookup.index_max_rows: the rest are read from the journal"
         );
     }
-    Ok(Live { table, seq })
+    Ok(live)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 //! # Cost
 //!
 //! The hot path (a stored file) is: parse, one indexed `SELECT` with a cached prepared
-//! statement inside a read transaction that look-ups share for up to 10 ms ([`JournalReader`]),
+//! statement inside a read transaction that look-ups share for up to 10 ms ([`LookupReader`]),
 //! one signature. It runs inline on the calling thread: in WAL mode readers never wait for the
 //! writer, and the point query takes microseconds, far less than a hop to the blocking pool
 //! would. The local-file checks are a few `openat`/`fstat` calls confined to the root. Only
@@ -43,12 +43,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
-use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::config::{ListenAddr, Settings};
-use crate::journal::{JournalError, State};
-use crate::lookup::index::{Entry, KeyRule, LookupIndex, StoredRow};
+use crate::journal::{Found, JournalError, LookupReader, State};
+use crate::lookup::index::{KeyRule, LookupIndex};
 use crate::lookup::legacy::{BadPath, parse_legacy};
 use crate::lookup::sign::SignError;
 use crate::lookup::signer::{Signed, Signer};
@@ -66,10 +65,6 @@ const PATH_SAFE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~')
     .remove(b'/');
 
-/// Read connections kept for reuse.
-const MAX_POOLED: usize = 16;
-/// How long look-ups share one read transaction (see [`JournalReader`]).
-pub const SNAPSHOT_SECS: f64 = 0.01;
 /// Remote-check answers remembered at most (cleared when full).
 const MAX_CACHED: usize = 100_000;
 
@@ -275,246 +270,6 @@ struct ElsewhereJson<'a> {
     url: &'a str,
 }
 
-/// What the journal says about a path (only the columns a look-up needs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    pub state: State,
-    pub key: String,
-    pub size: u64,
-    pub md5: Option<String>,
-    pub bytes_sent: u64,
-    pub mtime_ns: Option<i64>,
-}
-
-/// What a look-up found in the journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    /// Stored under the key the template gives for the path ([`crate::lookup::index`]).
-    Indexed(Entry),
-    Row(Row),
-}
-
-/// Read-only journal connections, pooled, used on the calling thread.
-///
-/// Starting a read transaction costs SQLite two `fcntl` locks and an `fstat` — about as much
-/// as the indexed read itself on a large journal. So look-ups share one open read transaction
-/// (a snapshot) for up to [`SNAPSHOT_SECS`]: an answer may be that much older than the last
-/// commit, which the resolver allows for (a look-up that finds neither a stored row nor the
-/// file reads again outside the snapshot). The look-up server ends an unused snapshot on a
-/// timer ([`JournalReader::maintain`], every 50 ms), so an idle server does not hold
-/// the WAL back from its checkpoints.
-///
-/// With [`JournalReader::enable_index`], stored files are found in memory
-/// ([`crate::lookup::index`]), kept current each time a snapshot begins.
-pub struct JournalReader {
-    path: PathBuf,
-    pool: Mutex<Vec<Connection>>,
-    shared: Mutex<Shared>,
-}
-
-/// What look-ups share, under one lock: the snapshot and the index kept current with it.
-#[derive(Default)]
-struct Shared {
-    /// A connection inside a read transaction, and when that began.
-    snapshot: Option<(Connection, Instant)>,
-    index: Option<LookupIndex>,
-}
-
-impl JournalReader {
-    /// Opens one connection at once, so a missing or unreadable journal is reported now.
-    pub fn new(path: &Path) -> Result<JournalReader, JournalError> {
-        let reader = JournalReader {
-            path: path.to_path_buf(),
-            pool: Mutex::new(Vec::new()),
-            shared: Mutex::new(Shared::default()),
-        };
-        let conn = reader.open()?;
-        reader.put(conn);
-        Ok(reader)
-    }
-
-    fn open(&self) -> Result<Connection, JournalError> {
-        let conn = crate::journal::open_ro(&self.path)?;
-        // Writers never block WAL readers; a short timeout bounds the rare waits (WAL recovery).
-        conn.busy_timeout(Duration::from_millis(500))?;
-        // Serve pages from the page cache without a read() per page.
-        let _ = conn.pragma_update(None, "mmap_size", 1i64 << 30);
-        Ok(conn)
-    }
-
-    fn put(&self, conn: Connection) {
-        if let Ok(mut pool) = self.pool.lock()
-            && pool.len() < MAX_POOLED
-        {
-            pool.push(conn);
-        }
-    }
-
-    /// Keeps stored files of at most `max_rows` rows in memory (see [`crate::lookup::index`]);
-    /// the build starts now, in a thread of its own.
-    pub fn enable_index(&self, rule: KeyRule, max_rows: usize) {
-        if let Ok(mut shared) = self.shared.lock() {
-            let mut index = LookupIndex::new(&self.path, rule, max_rows);
-            index.start();
-            shared.index = Some(index);
-        }
-    }
-
-    /// Entries in the look-up index, `None` while it is off or being built.
-    pub fn index_len(&self) -> Option<usize> {
-        let shared = self.shared.lock().ok()?;
-        shared
-            .index
-            .as_ref()
-            .filter(|i| i.is_live())
-            .map(|i| i.len())
-    }
-
-    /// What the journal holds for `rel`, as of the shared snapshot (at most [`SNAPSHOT_SECS`]
-    /// old).
-    pub fn find(&self, rel: &Path) -> Result<Option<Found>, JournalError> {
-        // Another thread using the snapshot right now: read on a connection of its own.
-        let Ok(mut shared) = self.shared.try_lock() else {
-            return Ok(self.row_fresh(rel)?.map(Found::Row));
-        };
-        let shared = &mut *shared;
-        let max_age = Duration::from_secs_f64(SNAPSHOT_SECS);
-        if shared
-            .snapshot
-            .as_ref()
-            .is_some_and(|(_, at)| at.elapsed() >= max_age)
-            && let Some((conn, _)) = shared.snapshot.take()
-        {
-            self.end(conn);
-        }
-        if shared.snapshot.is_none() {
-            let conn = self.take()?;
-            conn.execute_batch("BEGIN")?;
-            // The snapshot begins with the index's catch-up read, so the index agrees with it.
-            if let Some(index) = &mut shared.index {
-                index.refresh(&conn);
-            }
-            shared.snapshot = Some((conn, Instant::now()));
-        }
-        if let Some(entry) = shared.index.as_ref().and_then(|i| i.get(rel)) {
-            return Ok(Some(Found::Indexed(entry)));
-        }
-        let Some((conn, _)) = shared.snapshot.as_ref() else {
-            return Ok(self.row_fresh(rel)?.map(Found::Row));
-        };
-        let out = query_row(conn, rel);
-        match &out {
-            Ok(Some(row)) if row.state.is_stored() => {
-                if let Some(index) = &mut shared.index {
-                    index.learn(StoredRow {
-                        path: rel.as_os_str().as_bytes(),
-                        key: &row.key,
-                        size: row.size,
-                        md5: row.md5.as_deref(),
-                    });
-                }
-            }
-            Ok(_) => {}
-            // Dropped (its transaction with it) rather than reused.
-            Err(_) => shared.snapshot = None,
-        }
-        Ok(out?.map(Found::Row))
-    }
-
-    /// Ends the shared snapshot if it is older than [`SNAPSHOT_SECS`].
-    pub fn end_stale_snapshot(&self) {
-        let max_age = Duration::from_secs_f64(SNAPSHOT_SECS);
-        if let Ok(mut shared) = self.shared.lock()
-            && shared
-                .snapshot
-                .as_ref()
-                .is_some_and(|(_, at)| at.elapsed() >= max_age)
-            && let Some((conn, _)) = shared.snapshot.take()
-        {
-            self.end(conn);
-        }
-    }
-
-    /// Called on a timer: ends a stale snapshot, and while the index is being built, looks
-    /// for the finished build in a short snapshot of its own, so that an idle server starts
-    /// using it (and reports it in the metrics) without waiting for a look-up.
-    pub fn maintain(&self) {
-        self.end_stale_snapshot();
-        let Ok(mut shared) = self.shared.lock() else {
-            return;
-        };
-        let shared = &mut *shared;
-        if shared.snapshot.is_some() {
-            return;
-        }
-        let Some(index) = shared.index.as_mut().filter(|i| i.is_building()) else {
-            return;
-        };
-        if let Ok(conn) = self.take()
-            && conn.execute_batch("BEGIN").is_ok()
-        {
-            index.refresh(&conn);
-            self.end(conn);
-        }
-    }
-
-    fn end(&self, conn: Connection) {
-        if conn.execute_batch("COMMIT").is_ok() {
-            self.put(conn);
-        }
-    }
-
-    fn take(&self) -> Result<Connection, JournalError> {
-        match self.pool.lock().ok().and_then(|mut p| p.pop()) {
-            Some(c) => Ok(c),
-            None => self.open(),
-        }
-    }
-
-    /// The row of `rel`, if any, as of now (a read transaction of its own).
-    pub fn row_fresh(&self, rel: &Path) -> Result<Option<Row>, JournalError> {
-        let conn = self.take()?;
-        let out = query_row(&conn, rel);
-        // A connection that failed is dropped rather than pooled.
-        if out.is_ok() {
-            self.put(conn);
-        }
-        out
-    }
-}
-
-fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT state, key, size, md5, bytes_sent, mtime_ns FROM files WHERE path = ?1",
-    )?;
-    let row = stmt
-        .query_row([rel.as_os_str().as_bytes()], |r| {
-            let state: String = r.get(0)?;
-            Ok((
-                state,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, Option<i64>>(5)?,
-            ))
-        })
-        .optional()?;
-    let Some((state, key, size, md5, bytes_sent, mtime_ns)) = row else {
-        return Ok(None);
-    };
-    let state = State::parse(&state)
-        .ok_or_else(|| JournalError::Invalid(format!("unknown state {state:?}")))?;
-    Ok(Some(Row {
-        state,
-        key,
-        size: size.max(0) as u64,
-        md5,
-        bytes_sent: bytes_sent.max(0) as u64,
-        mtime_ns,
-    }))
-}
-
 /// A remote check's result: the object's size and plain MD5, or absent.
 type Remote = Option<(u64, Option<String>)>;
 
@@ -560,7 +315,7 @@ pub struct Resolver {
     template: KeyTemplate,
     filter: Filter,
     root: Root,
-    journal: JournalReader,
+    journal: LookupReader<LookupIndex>,
     signer: Signer,
     /// Base of this agent's URLs (`http://10.1.2.3:8090`), no trailing `/`.
     public_url: String,
@@ -615,7 +370,7 @@ impl Resolver {
             path: cfg.watch.root.clone(),
             source,
         })?;
-        let journal = JournalReader::new(&cfg.journal.path)?;
+        let journal = LookupReader::new(&cfg.journal.path)?;
         let signer = Signer::new(settings)?;
         let mut nodes = Vec::new();
         let mut hosts = HashMap::new();
@@ -722,22 +477,24 @@ impl Resolver {
     /// Answers stored files from memory (see [`crate::lookup::index`]), at most `max_rows`
     /// of them.
     pub fn enable_index(&self, max_rows: usize) {
-        self.journal.enable_index(
-            KeyRule {
-                template: self.template.clone(),
-                node: self.node.clone(),
-            },
-            max_rows,
-        );
+        let rule = KeyRule {
+            template: self.template.clone(),
+            node: self.node.clone(),
+        };
+        let mut index = LookupIndex::new(self.journal.path(), rule, max_rows);
+        index.start();
+        self.journal.set_cache(index);
     }
 
     /// Entries in the look-up index, `None` while it is off or being built.
     pub fn index_len(&self) -> Option<usize> {
-        self.journal.index_len()
+        self.journal
+            .with_cache(|i| i.is_live().then(|| i.len()))
+            .flatten()
     }
 
     /// The look-up server's timer: ends the journal snapshot look-ups share once it is too
-    /// old to use, and puts a freshly built index to use (see [`JournalReader::maintain`]).
+    /// old to use, and puts a freshly built index to use (see [`LookupReader::maintain`]).
     pub fn maintain(&self) {
         self.journal.maintain();
     }
@@ -750,7 +507,7 @@ impl Resolver {
             self.journal.find(rel)?
         };
         let row = match found {
-            Some(Found::Indexed(entry)) => {
+            Some(Found::Cached(entry)) => {
                 // Indexed only when the row's key is exactly this rendering.
                 let key = self
                     .template
@@ -880,8 +637,9 @@ pub type SharedResolver = Arc<Resolver>;
 mod tests {
     use super::*;
     use crate::config::{self, Config, NodeEntry};
-    use crate::journal;
+    use crate::journal::{self, SNAPSHOT_SECS};
     use crate::util::fs::Identity;
+    use rusqlite::Connection;
     use std::ffi::OsStr;
 
     struct T {
@@ -1269,14 +1027,14 @@ mod tests {
                 "BEGIN; {} COMMIT;",
                 "UPDATE files SET state = 'queued' WHERE path = X'7A2E6D7034';
                  UPDATE files SET state = 'deleted' WHERE path = X'7A2E6D7034';"
-                    .repeat(crate::lookup::index::LOG_KEPT as usize)
+                    .repeat(crate::journal::UNSTORED_LOG_KEPT as usize)
             ))
             .unwrap();
         let kept: i64 = t
             .conn
             .query_row("SELECT COUNT(*) FROM unstored", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(kept, crate::lookup::index::LOG_KEPT);
+        assert_eq!(kept, crate::journal::UNSTORED_LOG_KEPT);
         next_snapshot();
         assert_eq!(stored(&t, "a.mp4"), None);
         assert_eq!(

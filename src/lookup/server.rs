@@ -372,7 +372,7 @@ pub fn serve(
             // and puts the look-up index to use once it is built.
             let cancel = ctx.cancel.clone();
             rt.spawn(async move {
-                let every = Duration::from_secs_f64(crate::lookup::resolve::SNAPSHOT_SECS * 5.0);
+                let every = Duration::from_secs_f64(crate::journal::SNAPSHOT_SECS * 5.0);
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,

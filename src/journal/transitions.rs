@@ -1,200 +1,17 @@
-//! The journal's queries and transitions. Plain functions over a connection, so the daemon
-//! (through the writer thread) and the CLI (directly) share them.
+//! The state machine's transitions: every write the pipeline and the commands make to a row.
+//! Updates made by an upload task carry the row's `generation` and fail as stale
+//! ([`is_stale`]) when the row moved on meanwhile.
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::JournalError;
+use super::rows::{State, get, get_by_path, now_ms, path_bytes};
 use crate::util::fs::Identity;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Known, changed on disk, waiting to settle again.
-    Settling,
-    /// Settled, waiting for an upload slot (or for its next attempt after an error).
-    Queued,
-    /// Upload started (for multipart: the upload id is recorded).
-    Uploading,
-    /// The object is stored and checked; the local file may still exist.
-    Uploaded,
-    /// Stored, and the local file was removed.
-    Deleted,
-    /// A permanent error; tried again after `upload.failed_retry_secs` or on `retry`.
-    Failed,
-    /// The local file disappeared before it was stored.
-    Vanished,
-}
-
-impl State {
-    pub const ALL: [State; 7] = [
-        State::Settling,
-        State::Queued,
-        State::Uploading,
-        State::Uploaded,
-        State::Deleted,
-        State::Failed,
-        State::Vanished,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Settling => "settling",
-            State::Queued => "queued",
-            State::Uploading => "uploading",
-            State::Uploaded => "uploaded",
-            State::Deleted => "deleted",
-            State::Failed => "failed",
-            State::Vanished => "vanished",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<State> {
-        State::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-
-    /// Still has to reach the bucket.
-    pub fn is_waiting(self) -> bool {
-        matches!(
-            self,
-            State::Settling | State::Queued | State::Uploading | State::Failed
-        )
-    }
-
-    /// The object is in the bucket.
-    pub fn is_stored(self) -> bool {
-        matches!(self, State::Uploaded | State::Deleted)
-    }
-}
-
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One row of `files`.
-#[derive(Debug, Clone, Serialize)]
-pub struct FileRow {
-    pub id: i64,
-    #[serde(serialize_with = "ser_path")]
-    pub path: PathBuf,
-    pub key: String,
-    pub state: State,
-    pub generation: i64,
-    pub identity: Option<Identity>,
-    pub size: u64,
-    pub md5: Option<String>,
-    /// The whole file's CRC-64/XZ (OSS's `x-oss-hash-crc64ecma`), once stored.
-    pub crc64: Option<u64>,
-    pub upload_id: Option<String>,
-    pub upload_generation: Option<i64>,
-    pub part_size: Option<u64>,
-    pub bytes_sent: u64,
-    pub attempts: i64,
-    pub next_attempt_ms: i64,
-    pub last_error: Option<String>,
-    pub last_error_ms: Option<i64>,
-    pub discovered_ms: i64,
-    pub queued_ms: Option<i64>,
-    pub uploaded_ms: Option<i64>,
-    pub deleted_ms: Option<i64>,
-    pub updated_ms: i64,
-}
-
-fn ser_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&p.to_string_lossy())
-}
-
-const COLUMNS: &str = "id, path, key, state, generation, dev, ino, size, mtime_ns, md5, upload_id, \
-     upload_generation, part_size, bytes_sent, attempts, next_attempt_ms, last_error, last_error_ms, \
-     discovered_ms, queued_ms, uploaded_ms, deleted_ms, updated_ms, crc64";
-
-fn from_row(r: &Row<'_>) -> rusqlite::Result<FileRow> {
-    let path: Vec<u8> = r.get(1)?;
-    let state: String = r.get(3)?;
-    let state = State::parse(&state).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            3,
-            rusqlite::types::Type::Text,
-            format!("unknown state {state:?}").into(),
-        )
-    })?;
-    let dev: Option<i64> = r.get(5)?;
-    let ino: Option<i64> = r.get(6)?;
-    let size: i64 = r.get(7)?;
-    let mtime_ns: Option<i64> = r.get(8)?;
-    let identity = match (dev, ino, mtime_ns) {
-        (Some(dev), Some(ino), Some(mtime_ns)) => Some(Identity {
-            dev: dev as u64,
-            ino: ino as u64,
-            size: size as u64,
-            mtime_ns,
-        }),
-        _ => None,
-    };
-    Ok(FileRow {
-        id: r.get(0)?,
-        path: PathBuf::from(OsStr::from_bytes(&path)),
-        key: r.get(2)?,
-        state,
-        generation: r.get(4)?,
-        identity,
-        size: size as u64,
-        md5: r.get(9)?,
-        upload_id: r.get(10)?,
-        upload_generation: r.get(11)?,
-        part_size: r.get::<_, Option<i64>>(12)?.map(|v| v as u64),
-        bytes_sent: r.get::<_, i64>(13)? as u64,
-        attempts: r.get(14)?,
-        next_attempt_ms: r.get(15)?,
-        last_error: r.get(16)?,
-        last_error_ms: r.get(17)?,
-        discovered_ms: r.get(18)?,
-        queued_ms: r.get(19)?,
-        uploaded_ms: r.get(20)?,
-        deleted_ms: r.get(21)?,
-        updated_ms: r.get(22)?,
-        crc64: r
-            .get::<_, Option<String>>(23)?
-            .and_then(|v| v.parse::<u64>().ok()),
-    })
-}
-
-fn path_bytes(p: &Path) -> &[u8] {
-    p.as_os_str().as_bytes()
-}
-
-pub fn get_by_path(conn: &Connection, rel: &Path) -> Result<Option<FileRow>, JournalError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM files WHERE path = ?1"))?;
-    Ok(stmt.query_row([path_bytes(rel)], from_row).optional()?)
-}
-
-pub fn get(conn: &Connection, id: i64) -> Result<Option<FileRow>, JournalError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM files WHERE id = ?1"))?;
-    Ok(stmt.query_row([id], from_row).optional()?)
-}
-
-pub fn get_by_key(conn: &Connection, key: &str) -> Result<Option<FileRow>, JournalError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM files WHERE key = ?1 ORDER BY id LIMIT 1"
-    ))?;
-    Ok(stmt.query_row([key], from_row).optional()?)
-}
 
 /// What [`intake`] did with a settled file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,46 +184,6 @@ pub fn intake_failed(
     Ok(())
 }
 
-/// Rows whose next step is due: queued or uploading rows, and failed rows whose wait is over.
-pub fn due(conn: &Connection, now: i64, limit: usize) -> Result<Vec<FileRow>, JournalError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM files
-         WHERE state IN ('queued', 'uploading', 'failed') AND next_attempt_ms <= ?1
-         ORDER BY next_attempt_ms, id LIMIT ?2"
-    ))?;
-    let rows = stmt
-        .query_map(params![now, limit as i64], from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
-/// Rows in a state, oldest first.
-pub fn in_state(conn: &Connection, state: State) -> Result<Vec<FileRow>, JournalError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM files WHERE state = ?1 ORDER BY id"
-    ))?;
-    let rows = stmt
-        .query_map([state.as_str()], from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
-/// Rows for `ls`: all, or those in one state; newest last.
-pub fn list(
-    conn: &Connection,
-    state: Option<State>,
-    limit: Option<usize>,
-) -> Result<Vec<FileRow>, JournalError> {
-    let limit = limit.map(|l| l as i64).unwrap_or(-1);
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM files WHERE (?1 IS NULL OR state = ?1) ORDER BY id LIMIT ?2"
-    ))?;
-    let rows = stmt
-        .query_map(params![state.map(|s| s.as_str()), limit], from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
 /// Fails when the row's generation moved on (the file was re-queued meanwhile).
 fn expect_one(changed: usize, what: &str) -> Result<(), JournalError> {
     if changed == 1 {
@@ -570,6 +347,10 @@ pub fn set_deleted(conn: &Connection, id: i64, generation: i64) -> Result<(), Jo
     expect_one(n, "set_deleted")
 }
 
+/// States in which a row belongs to the upload task working on it: only these may record a
+/// retry or a failure (a row stored, vanished or settling meanwhile is no longer that task's).
+const WORKING: &str = "('queued', 'uploading', 'failed')";
+
 /// A transient error: try again at `next_ms`.
 pub fn set_retry(
     conn: &Connection,
@@ -580,11 +361,11 @@ pub fn set_retry(
 ) -> Result<(), JournalError> {
     let now = now_ms();
     let n = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "UPDATE files SET attempts = attempts + 1, last_error = ?3, last_error_ms = ?4,
                  next_attempt_ms = ?5, updated_ms = ?4
-             WHERE id = ?1 AND generation = ?2",
-        )?
+             WHERE id = ?1 AND generation = ?2 AND state IN {WORKING}"
+        ))?
         .execute(params![id, generation, error, now, next_ms])?;
     expect_one(n, "set_retry")
 }
@@ -599,11 +380,11 @@ pub fn set_failed(
 ) -> Result<(), JournalError> {
     let now = now_ms();
     let n = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "UPDATE files SET state = 'failed', attempts = attempts + 1, last_error = ?3,
                  last_error_ms = ?4, next_attempt_ms = ?5, updated_ms = ?4
-             WHERE id = ?1 AND generation = ?2",
-        )?
+             WHERE id = ?1 AND generation = ?2 AND state IN {WORKING}"
+        ))?
         .execute(params![id, generation, error, now, next_ms])?;
     expect_one(n, "set_failed")
 }
@@ -633,16 +414,124 @@ pub fn set_settling(conn: &Connection, id: i64, generation: i64) -> Result<(), J
     expect_one(n, "set_settling")
 }
 
-/// Re-queues failed rows (`id` = one row, `None` = all failed rows). Returns how many.
-pub fn requeue_failed(conn: &Connection, id: Option<i64>) -> Result<usize, JournalError> {
-    let now = now_ms();
+/// What [`set_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rekey {
+    /// The row has the key now (it may have had it already).
+    Done,
+    /// Another path already uses this key: the row keeps its old one.
+    InUse { other: PathBuf },
+}
+
+/// Gives a row (of generation `generation`) the key its path renders to now. A row recorded
+/// without a key (its key collided, or the template could not render its path) or under a
+/// template that changed since gets a key it can be uploaded to. A multipart upload recorded
+/// for the old key is forgotten (the bucket's lifecycle rule ends it).
+pub fn set_key(
+    conn: &Connection,
+    id: i64,
+    generation: i64,
+    key: &str,
+) -> Result<Rekey, JournalError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT path FROM files WHERE key = ?1 AND id != ?2 LIMIT 1")?;
+    let other: Option<Vec<u8>> = stmt.query_row(params![key, id], |r| r.get(0)).optional()?;
+    if let Some(other) = other {
+        return Ok(Rekey::InUse {
+            other: PathBuf::from(OsStr::from_bytes(&other)),
+        });
+    }
     let n = conn
         .prepare_cached(
-            "UPDATE files SET state = 'queued', next_attempt_ms = 0, attempts = 0, updated_ms = ?2
-             WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",
+            "UPDATE files SET key = ?3, upload_id = NULL, upload_generation = NULL, updated_ms = ?4
+             WHERE id = ?1 AND generation = ?2 AND key != ?3",
         )?
-        .execute(params![id, now])?;
-    Ok(n)
+        .execute(params![id, generation, key, now_ms()])?;
+    if n > 0 {
+        conn.prepare_cached("DELETE FROM parts WHERE file_id = ?1")?
+            .execute([id])?;
+    } else if get(conn, id)?.is_none_or(|r| r.generation != generation) {
+        return Err(JournalError::Invalid("stale set_key".into()));
+    }
+    Ok(Rekey::Done)
+}
+
+/// What [`requeue_failed`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// Rows queued again.
+    pub queued: usize,
+    /// Rows kept failed: their path, and why they still have no key.
+    pub kept: Vec<(PathBuf, String)>,
+}
+
+/// Re-queues failed rows (`id`: one row, `None`: every failed row), each under the key
+/// `key_of` renders for its path now (see [`set_key`]), in one savepoint. A row whose key
+/// cannot be rendered or is used by another path stays failed, with that as its error.
+pub fn requeue_failed(
+    conn: &Connection,
+    id: Option<i64>,
+    key_of: &dyn Fn(&Path) -> Result<String, String>,
+) -> Result<Requeued, JournalError> {
+    super::in_savepoint(conn, |c| requeue_failed_in(c, id, key_of))
+}
+
+fn requeue_failed_in(
+    conn: &Connection,
+    id: Option<i64>,
+    key_of: &dyn Fn(&Path) -> Result<String, String>,
+) -> Result<Requeued, JournalError> {
+    let rows: Vec<(i64, i64, PathBuf)> = conn
+        .prepare_cached(
+            "SELECT id, generation, path FROM files
+             WHERE state = 'failed' AND (?1 IS NULL OR id = ?1) ORDER BY id",
+        )?
+        .query_map(params![id], |r| {
+            let path: Vec<u8> = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                PathBuf::from(OsStr::from_bytes(&path)),
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let now = now_ms();
+    let mut out = Requeued::default();
+    for (id, generation, path) in rows {
+        let refused = match key_of(&path) {
+            Err(e) => Some(e),
+            Ok(key) => match set_key(conn, id, generation, &key)? {
+                Rekey::Done => None,
+                Rekey::InUse { other } => Some(format!(
+                    "object key {key:?} is already used by {}",
+                    other.display()
+                )),
+            },
+        };
+        let (sql, error) = match &refused {
+            None => (
+                "UPDATE files SET state = 'queued', next_attempt_ms = 0, attempts = 0,
+                     updated_ms = ?2
+                 WHERE id = ?1",
+                None,
+            ),
+            Some(e) => (
+                "UPDATE files SET last_error = ?3, last_error_ms = ?2, updated_ms = ?2
+                 WHERE id = ?1",
+                Some(e.as_str()),
+            ),
+        };
+        let mut stmt = conn.prepare_cached(sql)?;
+        match error {
+            None => stmt.execute(params![id, now])?,
+            Some(e) => stmt.execute(params![id, now, e])?,
+        };
+        match refused {
+            None => out.queued += 1,
+            Some(e) => out.kept.push((path, e)),
+        }
+    }
+    Ok(out)
 }
 
 /// A write whose only purpose is its commit: committed with [`super::Durability::Sync`], it
@@ -666,174 +555,11 @@ pub fn had_deleted_under(conn: &Connection, dir: &Path) -> Result<bool, JournalE
     Ok(stmt.exists(params![lo, hi])?)
 }
 
-/// Figures for `status`.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Summary {
-    pub counts: BTreeMap<String, u64>,
-    pub bytes: BTreeMap<String, u64>,
-    pub bytes_waiting: u64,
-    pub oldest_waiting_secs: u64,
-    pub bytes_uploading_sent: u64,
-    pub last_errors: Vec<LastError>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LastError {
-    pub id: i64,
-    pub path: String,
-    pub state: State,
-    pub error: String,
-    pub at_ms: i64,
-}
-
-pub fn summary(conn: &Connection) -> Result<Summary, JournalError> {
-    let mut s = Summary::default();
-    for st in State::ALL {
-        s.counts.insert(st.as_str().to_string(), 0);
-        s.bytes.insert(st.as_str().to_string(), 0);
-    }
-    let mut stmt = conn.prepare_cached(
-        "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY state",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (state, n, bytes) = row?;
-        if let Some(st) = State::parse(&state) {
-            if st.is_waiting() {
-                s.bytes_waiting += bytes as u64;
-            }
-            s.counts.insert(state.clone(), n as u64);
-            s.bytes.insert(state, bytes as u64);
-        }
-    }
-    let oldest: Option<i64> = conn.query_row(
-        "SELECT MIN(discovered_ms) FROM files WHERE state IN ('settling', 'queued', 'uploading', 'failed')",
-        [],
-        |r| r.get(0),
-    )?;
-    if let Some(oldest) = oldest {
-        s.oldest_waiting_secs = ((now_ms() - oldest).max(0) / 1000) as u64;
-    }
-    s.bytes_uploading_sent = conn.query_row(
-        "SELECT COALESCE(SUM(bytes_sent), 0) FROM files WHERE state = 'uploading'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )? as u64;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, path, state, last_error, last_error_ms FROM files
-         WHERE last_error IS NOT NULL ORDER BY last_error_ms DESC LIMIT 5",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        let path: Vec<u8> = r.get(1)?;
-        let state: String = r.get(2)?;
-        Ok(LastError {
-            id: r.get(0)?,
-            path: String::from_utf8_lossy(&path).into_owned(),
-            state: State::parse(&state).unwrap_or(State::Failed),
-            error: r.get(3)?,
-            at_ms: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
-        })
-    })?;
-    for row in rows {
-        s.last_errors.push(row?);
-    }
-    Ok(s)
-}
-
-/// The figures the daemon refreshes every few seconds (`STATUS=`, metrics). Cheaper than
-/// [`summary`]: only rows still waiting are read, through the state index. Counting the
-/// stored rows (which grow without bound) is asked for separately, with `stored`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Queue {
-    /// Rows per waiting state, and per final state when they were counted.
-    pub counts: BTreeMap<State, u64>,
-    /// Bytes of the files not stored yet.
-    pub waiting_bytes: u64,
-    /// Bytes of the files being uploaded.
-    pub uploading_bytes: u64,
-    /// Age of the oldest file not stored yet (0 when none waits).
-    pub oldest_waiting_secs: u64,
-}
-
-impl Queue {
-    pub fn count(&self, st: State) -> u64 {
-        self.counts.get(&st).copied().unwrap_or(0)
-    }
-
-    pub fn waiting(&self) -> u64 {
-        State::ALL
-            .into_iter()
-            .filter(|s| s.is_waiting())
-            .map(|s| self.count(s))
-            .sum()
-    }
-}
-
-/// Queue figures; with `stored`, the rows in final states (uploaded, deleted, vanished) are
-/// counted too — a scan of the state index, so callers do that less often on big journals.
-pub fn queue(conn: &Connection, stored: bool) -> Result<Queue, JournalError> {
-    let mut q = Queue::default();
-    for st in State::ALL.into_iter().filter(|s| stored || s.is_waiting()) {
-        q.counts.insert(st, 0);
-    }
-    let mut stmt = conn.prepare_cached(
-        "SELECT state, COUNT(*), COALESCE(SUM(size), 0), MIN(discovered_ms) FROM files
-         WHERE state IN ('settling', 'queued', 'uploading', 'failed') GROUP BY state",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, Option<i64>>(3)?,
-        ))
-    })?;
-    let mut oldest: Option<i64> = None;
-    for row in rows {
-        let (state, n, bytes, first) = row?;
-        let Some(st) = State::parse(&state) else {
-            continue;
-        };
-        q.counts.insert(st, n.max(0) as u64);
-        q.waiting_bytes += bytes.max(0) as u64;
-        if st == State::Uploading {
-            q.uploading_bytes = bytes.max(0) as u64;
-        }
-        oldest = match (oldest, first) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-    }
-    if let Some(oldest) = oldest {
-        q.oldest_waiting_secs = ((now_ms() - oldest).max(0) / 1000) as u64;
-    }
-    if stored {
-        let mut stmt = conn.prepare_cached(
-            "SELECT state, COUNT(*) FROM files
-             WHERE state IN ('uploaded', 'deleted', 'vanished') GROUP BY state",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        for row in rows {
-            let (state, n) = row?;
-            if let Some(st) = State::parse(&state) {
-                q.counts.insert(st, n.max(0) as u64);
-            }
-        }
-    }
-    Ok(q)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::journal::open_rw;
+    use crate::journal::{due, open_rw, parts, summary};
 
     fn ident(size: u64, mtime_ns: i64) -> Identity {
         Identity {
@@ -917,12 +643,18 @@ mod tests {
         ));
         set_failed(&conn, id, 0, "AccessDenied", i64::MAX).unwrap();
         assert!(due(&conn, now_ms(), 10).unwrap().is_empty());
-        assert_eq!(requeue_failed(&conn, None).unwrap(), 1);
+        assert_eq!(
+            requeue_failed(&conn, None, &|_| Ok("k".into()))
+                .unwrap()
+                .queued,
+            1
+        );
         let due = due(&conn, now_ms(), 10).unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].state, State::Queued);
         assert_eq!(due[0].last_error.as_deref(), Some("AccessDenied"));
     }
+
     #[test]
     fn preview_says_what_intake_does_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -952,37 +684,79 @@ mod tests {
         ));
     }
 
+    /// A row that left the states an upload task holds is no longer that task's: a retry or a
+    /// failure it records late is stale and changes nothing.
     #[test]
-    fn queue_figures() {
+    fn retries_and_failures_only_touch_rows_a_task_holds() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_rw(&dir.path().join("j.db")).unwrap();
-        let q = queue(&conn, true).unwrap();
-        assert_eq!(q.waiting(), 0);
-        assert_eq!(q.oldest_waiting_secs, 0);
-        for (i, size) in [100u64, 200, 300].into_iter().enumerate() {
-            let rel = format!("f{i}");
-            intake(&conn, Path::new(&rel), &rel, &ident(size, i as i64), true).unwrap();
+        let id1 = ident(10, 1);
+        let Intake::Queued { id } = intake(&conn, Path::new("a"), "n/a", &id1, true).unwrap()
+        else {
+            panic!("expected queued")
+        };
+        let generation = get(&conn, id).unwrap().unwrap().generation;
+        set_uploaded(&conn, id, generation, &id1, "md5", None).unwrap();
+        for e in [
+            set_retry(&conn, id, generation, "late", 0).unwrap_err(),
+            set_failed(&conn, id, generation, "late", 0).unwrap_err(),
+        ] {
+            assert!(is_stale(&e), "{e}");
         }
-        conn.execute("UPDATE files SET discovered_ms = discovered_ms - 90000 WHERE path = CAST('f0' AS BLOB)", [])
-            .unwrap();
-        let row = get_by_path(&conn, Path::new("f1")).unwrap().unwrap();
-        start_upload(&conn, row.id, row.generation, None, 5).unwrap();
-        let row = get_by_path(&conn, Path::new("f2")).unwrap().unwrap();
-        set_uploaded(&conn, row.id, row.generation, &ident(300, 2), "m", None).unwrap();
-        let q = queue(&conn, false).unwrap();
-        assert_eq!(q.counts.get(&State::Uploaded), None, "not counted");
-        let q = queue(&conn, true).unwrap();
-        assert_eq!(q.count(State::Uploaded), 1);
-        assert_eq!(q.count(State::Deleted), 0);
-        assert_eq!(q.count(State::Queued), 1);
-        assert_eq!(q.count(State::Uploading), 1);
-        assert_eq!(q.waiting(), 2);
-        assert_eq!(q.waiting_bytes, 300);
-        assert_eq!(q.uploading_bytes, 200);
-        assert!(
-            (90..100).contains(&q.oldest_waiting_secs),
-            "{}",
-            q.oldest_waiting_secs
+        let row = get(&conn, id).unwrap().unwrap();
+        assert_eq!(row.state, State::Uploaded);
+        assert_eq!(row.last_error, None);
+        assert_eq!(row.attempts, 0);
+
+        let Intake::Queued { id } = intake(&conn, Path::new("b"), "n/b", &id1, true).unwrap()
+        else {
+            panic!("expected queued")
+        };
+        set_vanished(&conn, id, generation).unwrap();
+        assert!(is_stale(
+            &set_failed(&conn, id, generation, "late", 0).unwrap_err()
+        ));
+        assert_eq!(get(&conn, id).unwrap().unwrap().state, State::Vanished);
+    }
+
+    /// A failed row recorded without a key (its key collided, or could not be rendered), or
+    /// under an older key template, is queued again under the key its path renders to now;
+    /// one whose new key another path holds stays failed, saying so.
+    #[test]
+    fn retry_gives_failed_rows_the_key_they_render_to_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_rw(&dir.path().join("j.db")).unwrap();
+        let id1 = ident(10, 1);
+        intake_failed(&conn, Path::new("a"), "", &id1, "key too long", i64::MAX).unwrap();
+        let Intake::Queued { id: b } = intake(&conn, Path::new("b"), "old/b", &id1, true).unwrap()
+        else {
+            panic!("expected queued")
+        };
+        set_failed(&conn, b, 0, "AccessDenied", i64::MAX).unwrap();
+        intake(&conn, Path::new("c"), "new/c", &id1, true).unwrap();
+        intake_failed(&conn, Path::new("x"), "", &id1, "collision", i64::MAX).unwrap();
+        let key_of = |rel: &Path| -> Result<String, String> {
+            match rel.to_str() {
+                Some("x") => Ok("new/c".to_string()),
+                Some(p) => Ok(format!("new/{p}")),
+                None => Err("not UTF-8".to_string()),
+            }
+        };
+        let r = requeue_failed(&conn, None, &key_of).unwrap();
+        assert_eq!(r.queued, 2);
+        assert_eq!(
+            r.kept,
+            vec![(
+                PathBuf::from("x"),
+                "object key \"new/c\" is already used by c".to_string()
+            )]
         );
+        for (path, key) in [("a", "new/a"), ("b", "new/b")] {
+            let row = get_by_path(&conn, Path::new(path)).unwrap().unwrap();
+            assert_eq!((row.state, row.key.as_str()), (State::Queued, key));
+        }
+        let x = get_by_path(&conn, Path::new("x")).unwrap().unwrap();
+        assert_eq!((x.state, x.key.as_str()), (State::Failed, ""));
+        assert!(x.last_error.unwrap().contains("already used by c"));
     }
 }
