@@ -256,9 +256,9 @@ fn with_journal(
 }
 
 /// Sets up logging: journald when stderr is the journal, plain stderr otherwise (see
-/// [`crate::logging`]).
+/// [`crate::service::logging`]).
 pub fn init_logging(level: &str) {
-    crate::logging::init(level)
+    crate::service::logging::init(level)
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -8,7 +8,7 @@
 //!
 //! Start-up, in this order (see [`Daemon::start`]): open and recover the journal, start the
 //! stages, bind the listeners, then tell systemd `READY=1` and start the monitor (status line,
-//! metrics refresh, watchdog; see `crate::systemd` and `crate::health`).
+//! metrics refresh, watchdog; see `crate::service::systemd` and `crate::service::health`).
 //!
 //! Recovery comes before anything new is taken: stored files whose local copy is still
 //! there are deleted, rows that were waiting to settle go back to the watcher, and multipart
@@ -33,12 +33,13 @@ use tracing::{info, warn};
 
 use crate::config::{ListenAddr, Settings};
 use crate::delete::DeleteJob;
-use crate::health::{self, Liveness};
 use crate::journal::{self, Durability, Intake, Journal, JournalError, State};
 use crate::lookup::resolve::{Resolver, ResolverError, default_public_url};
-use crate::lookup::server::{self as lookup_server, Hooks, ServerError};
+use crate::lookup::server::{self as lookup_server, ServerError};
+use crate::service::health::{self, Liveness};
+use crate::service::monitor::Monitor;
+use crate::service::systemd;
 use crate::store::Store;
-use crate::systemd::{self, Monitor};
 use crate::upload::{UploadStats, Uploader};
 use crate::util::fs::Root;
 use crate::util::heartbeat::Heartbeat;
@@ -304,19 +305,6 @@ impl Daemon {
             ],
             settings.stall_allowance(),
         ));
-        let hooks = {
-            let liveness = liveness.clone();
-            Hooks {
-                health: Arc::new(move || {
-                    let h = liveness.health();
-                    match h.reason {
-                        None => Ok(()),
-                        Some(reason) => Err(format!("{}: {reason}", h.status)),
-                    }
-                }),
-                metrics: Arc::new(crate::metrics::render),
-            }
-        };
         let served = Resolver::new(
             &settings,
             default_public_url(&settings, &lookup_addrs),
@@ -333,7 +321,7 @@ impl Daemon {
                 bound,
                 Arc::new(resolver),
                 &settings,
-                hooks,
+                liveness.clone(),
                 cancel.clone(),
                 &tracker,
             )
@@ -346,7 +334,6 @@ impl Daemon {
         }
 
         // 4. The monitor, and READY=1.
-        health::set_current(Some(liveness.clone()));
         info!(root = %cfg.watch.root.display(), bucket = %cfg.storage.bucket,
               endpoint = %cfg.storage.endpoint, node = %cfg.node.name, "record-offload started");
         systemd::notify(&[
@@ -358,7 +345,7 @@ impl Daemon {
             Monitor {
                 liveness: liveness.clone(),
                 journal: journal.clone(),
-                uploads: uploader.stats.clone(),
+                in_flight: uploader.stats.in_flight.clone(),
                 watch_root: cfg.watch.root.clone(),
             }
             .run(monitor_stop.clone()),
@@ -394,9 +381,7 @@ impl Daemon {
         self.tracker.wait().await;
         self.monitor_stop.cancel();
         let _ = (&mut self.monitor).await;
-        if health::current().is_some_and(|l| Arc::ptr_eq(&l, &self.liveness)) {
-            health::set_current(None);
-        }
+        self.liveness.set_stopped();
         info!("record-offload stopped");
     }
 }
@@ -442,7 +427,7 @@ async fn intake(
                 Some(f) => f,
                 None => break,
             },
-            // Waiting for work is progress too (see `crate::health`).
+            // Waiting for work is progress too (see `crate::service::health`).
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
         };
         crate::util::failpoint::stall("intake", &cancel).await;

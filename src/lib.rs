@@ -32,15 +32,12 @@ pub mod daemon;
 pub mod delete;
 #[cfg(feature = "dev-server")]
 pub mod devserver;
-pub mod health;
 pub mod import;
 pub mod journal;
-pub mod logging;
 pub mod lookup;
-pub mod metrics;
 pub mod prune;
+pub mod service;
 pub mod store;
-pub mod systemd;
 pub mod upload;
 pub mod util;
 pub mod watch;

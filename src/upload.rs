@@ -51,6 +51,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Settings;
 use crate::delete::DeleteJob;
 use crate::journal::{self, Durability, FileRow, Journal, JournalError, PartRow, State};
+use crate::service::monitor::InFlightGauge;
 use crate::store::{self, Body, ErrorKind, FileRange, Store, StoreError};
 use crate::util::fs::{Identity, Root};
 use crate::util::hasher::Hasher;
@@ -105,10 +106,9 @@ pub struct UploadStats {
     pub files_deleted: AtomicU64,
     pub retries: AtomicU64,
     pub failures: AtomicU64,
-    pub active_files: AtomicU64,
-    /// Total size of the files in `active_files` (the `STATUS=` line).
-    pub active_bytes: AtomicU64,
-    /// Beats every pass of the scheduler (liveness; see `crate::health`).
+    /// Files being uploaded and their total size (the `STATUS=` line).
+    pub in_flight: Arc<InFlightGauge>,
+    /// Beats every pass of the scheduler (liveness; see `crate::service::health`).
     pub heartbeat: Arc<crate::util::heartbeat::Heartbeat>,
 }
 
@@ -155,13 +155,13 @@ enum Outcome {
     Interrupted,
 }
 
-/// The `reason` label (see `crate::metrics`) of an attempt that failed or will be retried.
+/// The `reason` label (see `crate::service::metrics`) of an attempt that failed or will be retried.
 fn metrics_reason(r: &Result<Outcome, TaskError>) -> String {
     match r {
         Ok(Outcome::Failed(_)) => "local".into(),
         Ok(Outcome::Retry(_)) => "verify".into(),
         Ok(_) => String::new(),
-        Err(TaskError::Store(e)) => crate::metrics::store_reason(e),
+        Err(TaskError::Store(e)) => crate::service::metrics::store_reason(e),
         Err(TaskError::Journal(_)) => "journal".into(),
         Err(TaskError::Io(_)) => "io".into(),
         Err(TaskError::Changed) => "changed".into(),
@@ -302,13 +302,17 @@ impl Uploader {
                     let me = self.clone();
                     let token = work_cancel.clone();
                     let (id, size) = (row.id, row.size);
-                    self.stats.active_bytes.fetch_add(size, Ordering::Relaxed);
+                    self.stats
+                        .in_flight
+                        .bytes
+                        .fetch_add(size, Ordering::Relaxed);
                     let handle = tasks.spawn(async move { me.process(row, token).await });
                     task_rows.insert(handle.id(), (id, size));
                 }
             }
             self.stats
-                .active_files
+                .in_flight
+                .files
                 .store(active.len() as u64, Ordering::Relaxed);
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -322,7 +326,7 @@ impl Uploader {
                     };
                     if let Some((id, size)) = task_rows.remove(&task) {
                         active.remove(&id);
-                        self.stats.active_bytes.fetch_sub(size, Ordering::Relaxed);
+                        self.stats.in_flight.bytes.fetch_sub(size, Ordering::Relaxed);
                     }
                 }
                 _ = self.wake.notified() => more_due = true,
@@ -387,7 +391,7 @@ impl Uploader {
                 Outcome::Done | Outcome::Handled | Outcome::Interrupted => {}
                 Outcome::Failed(err) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::upload_failure(&reason);
+                    crate::service::metrics::upload_failure(&reason);
                     warn!(error = %err, "upload failed permanently; the file stays until `retry` or the next automatic attempt");
                     let wait = (self.settings.config.upload.failed_retry_secs * 1000.0) as i64;
                     let res = self
@@ -404,7 +408,7 @@ impl Uploader {
                 }
                 Outcome::Retry(err) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::upload_retry(&reason);
+                    crate::service::metrics::upload_retry(&reason);
                     let mut b = self.backoff();
                     b.attempt = row.attempts.clamp(0, 30) as u32;
                     let delay = b.next_delay();
@@ -497,7 +501,7 @@ impl Uploader {
         cancel: &CancellationToken,
     ) -> Result<(), TaskError> {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::upload_retry(&crate::metrics::store_reason(err));
+        crate::service::metrics::upload_retry(&crate::service::metrics::store_reason(err));
         let delay = backoff.next_delay();
         debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "request failed; retrying");
         let (id, generation) = (row.id, row.generation);
@@ -663,7 +667,7 @@ impl Uploader {
         }
         crate::util::failpoint::hit("after-uploaded");
         self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::upload_complete(identity.size, started.elapsed());
+        crate::service::metrics::upload_complete(identity.size, started.elapsed());
         info!(
             bytes = identity.size,
             md5 = %md5_hex,

@@ -105,7 +105,7 @@ impl Batch {
 /// the tests of this file running in parallel: compare before and after, by a reason no
 /// other test produces where it matters).
 fn retries_by_reason() -> BTreeMap<String, u64> {
-    let text = record_offload::metrics::render();
+    let text = record_offload::service::metrics::render();
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("record_offload_upload_retries_total{reason=\"") else {

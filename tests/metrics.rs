@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::harness::*;
 use common::proxy::{Fault, FaultProxy};
 use record_offload::journal::State;
-use record_offload::metrics;
+use record_offload::service::metrics;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -36,7 +36,7 @@ async fn metrics_describe_the_pipeline_and_pass_promtool() {
     let d = env
         .start(env.config_at(&format!("http://{}", proxy.addr()), |_| {}))
         .await;
-    assert!(metrics::health().is_ok());
+    assert!(d.liveness.health().is_ok());
 
     // Throttled until a retry has been counted, then let through: stored after retries. (A
     // file this small is one PutObject, so "every other request" could let it through at once.)
@@ -155,8 +155,9 @@ async fn metrics_describe_the_pipeline_and_pass_promtool() {
         }
     }
 
+    let liveness = d.liveness.clone();
     d.shutdown();
-    assert_eq!(metrics::health().http_status(), 503);
+    assert_eq!(liveness.health().http_status(), 503);
     d.wait().await;
-    assert_eq!(metrics::health().status, "not_running");
+    assert_eq!(liveness.health().status, "not_running");
 }

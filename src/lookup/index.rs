@@ -424,7 +424,7 @@ impl SnapshotCache for LookupIndex {
     /// not applied yet, and starts a build when there is no usable index.
     fn refresh(&mut self, snapshot: &Snapshot<'_>) {
         self.catch_up(snapshot);
-        crate::metrics::lookup_index_entries(self.len());
+        crate::service::metrics::lookup_index_entries(self.len());
     }
 
     fn wants_refresh(&self) -> bool {

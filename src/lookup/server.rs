@@ -6,8 +6,8 @@
 //! | --- | --- |
 //! | `GET /v1/resolve?path=P` | [`resolve`]: JSON answer (200 stored or pending, 307 another node's, 400/404 JSON) |
 //! | `GET`/`HEAD {legacy_prefix}/REL` | [`legacy`]: 302 to the signed URL, the local file (Range, ETag), 307, 400/404/414 JSON |
-//! | `GET /healthz` | [`healthz`]: the daemon's [`HealthCheck`] |
-//! | `GET /metrics` | [`metrics`]: the daemon's [`MetricsRender`] (Prometheus text) |
+//! | `GET /healthz` | [`healthz`]: the daemon's [`HealthCheck`] (its liveness) |
+//! | `GET /metrics` | [`metrics`]: the process's metrics (Prometheus text) |
 //!
 //! # Limits
 //!
@@ -65,6 +65,8 @@ use crate::config::{ListenAddr, Settings};
 use crate::lookup::auth::{AllowList, Auth};
 use crate::lookup::range::{ByteRange, RangeAnswer, parse_range};
 use crate::lookup::resolve::{Answer, LookupError, Pending, Resolver, now_unix};
+use crate::service::health::HealthCheck;
+use crate::service::metrics;
 
 /// The most request headers accepted.
 pub const MAX_HEADERS: usize = 64;
@@ -72,32 +74,6 @@ pub const MAX_HEADERS: usize = 64;
 pub const DRAIN: Duration = Duration::from_secs(5);
 /// Local files are sent in pieces of this size.
 const CHUNK: usize = 256 * 1024;
-
-/// Whether the pipeline runs: `Err(reason)` makes `/healthz` answer 503 with the reason.
-pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
-/// Renders `/metrics` (Prometheus text format).
-pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// What the server needs from the daemon besides the resolver.
-#[derive(Clone)]
-pub struct Hooks {
-    pub health: HealthCheck,
-    pub metrics: MetricsRender,
-}
-
-impl Default for Hooks {
-    fn default() -> Self {
-        Hooks {
-            health: Arc::new(|| Ok(())),
-            // Until the metrics registry is wired in: the process is up.
-            metrics: Arc::new(|| {
-                "# HELP record_offload_up 1 while the daemon runs.\n\
-                 # TYPE record_offload_up gauge\nrecord_offload_up 1\n"
-                    .to_string()
-            }),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -212,7 +188,8 @@ struct AppState {
     media: crate::util::media::MediaTypes,
     auth: Option<Auth>,
     auth_legacy: bool,
-    hooks: Hooks,
+    /// The daemon's liveness, for `/healthz`.
+    health: Arc<dyn HealthCheck>,
 }
 
 /// A response of the look-up server.
@@ -285,7 +262,6 @@ async fn dispatch<B>(state: Arc<AppState>, req: http::Request<B>) -> Response {
     let route: Option<fn(&AppState) -> Response> = match parts.uri.path() {
         "/v1/resolve" => None,
         "/healthz" => Some(healthz),
-        // The metrics registry renders here (see `Hooks::metrics`).
         "/metrics" => Some(metrics),
         _ => return legacy(&state, &parts, head).await,
     };
@@ -320,7 +296,7 @@ pub fn serve(
     bound: Bound,
     resolver: Arc<Resolver>,
     settings: &Settings,
-    hooks: Hooks,
+    health: Arc<dyn HealthCheck>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<(), ServerError> {
@@ -332,7 +308,7 @@ pub fn serve(
         media: settings.media.clone(),
         auth: Auth::new(&lk.auth.keys, lk.auth.window_secs),
         auth_legacy: lk.auth.legacy_route,
-        hooks,
+        health,
     });
     let limits = Limits::from_settings(settings);
     // Listeners move to the server's runtime as plain sockets and are registered there.
@@ -508,7 +484,7 @@ where
     if !ctx.allow.allows(ip) {
         // Answer the first request with 403 and close.
         let svc = hyper::service::service_fn(|_req: hyper::Request<Incoming>| async {
-            crate::metrics::lookup("forbidden");
+            metrics::lookup("forbidden");
             Ok::<_, Infallible>(json_response(
                 StatusCode::FORBIDDEN,
                 br#"{"error":"forbidden","message":"this address is not in lookup.allow"}"#
@@ -618,7 +594,7 @@ fn check_auth(state: &AppState, req: &http::request::Parts) -> Option<Response> 
     match auth.verify(req.method.as_str(), uri.path(), uri.query(), now_unix()) {
         Ok(()) => None,
         Err(e) => {
-            crate::metrics::lookup("unauthorized");
+            metrics::lookup("unauthorized");
             let status = if e == crate::lookup::auth::AuthError::Full {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
@@ -715,7 +691,7 @@ async fn resolve(state: &AppState, req: &http::request::Parts) -> Response {
 }
 
 fn healthz(state: &AppState) -> Response {
-    match (state.hooks.health)() {
+    match state.health.check() {
         Ok(()) => json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
         Err(reason) => {
             let body = serde_json::json!({"status": "unavailable", "reason": reason});
@@ -727,11 +703,11 @@ fn healthz(state: &AppState) -> Response {
     }
 }
 
-fn metrics(state: &AppState) -> Response {
-    let mut resp = http::Response::new(Body::from((state.hooks.metrics)()));
+fn metrics(_state: &AppState) -> Response {
+    let mut resp = http::Response::new(Body::from(metrics::render()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
     );
     resp
 }
@@ -787,7 +763,7 @@ async fn legacy(state: &AppState, req: &http::request::Parts, head: bool) -> Res
 
 /// Counts a look-up's answer in the metrics.
 fn count(result: &Result<Answer, LookupError>) {
-    crate::metrics::lookup(match result {
+    metrics::lookup(match result {
         Ok(a) => a.metric_label(),
         Err(e) => e.metric_label(),
     });
@@ -1061,23 +1037,23 @@ mod tests {
         let settings = config::validate(c).unwrap();
         crate::journal::open_rw(&settings.config.journal.path).unwrap();
         let resolver = Resolver::new(&settings, "http://127.0.0.1:8090".into(), None).unwrap();
-        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let flag = healthy.clone();
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl HealthCheck for Flag {
+            fn check(&self) -> Result<(), String> {
+                if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("the uploader has stopped".to_string())
+                }
+            }
+        }
+        let healthy = Arc::new(Flag(std::sync::atomic::AtomicBool::new(true)));
         let state = Arc::new(AppState {
             resolver: Arc::new(resolver),
             media: Default::default(),
             auth: None,
             auth_legacy: false,
-            hooks: Hooks {
-                health: Arc::new(move || {
-                    if flag.load(std::sync::atomic::Ordering::SeqCst) {
-                        Ok(())
-                    } else {
-                        Err("the uploader has stopped".to_string())
-                    }
-                }),
-                ..Hooks::default()
-            },
+            health: healthy.clone(),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1100,7 +1076,7 @@ mod tests {
         };
         let (status, body) = call(state.clone());
         assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
-        healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+        healthy.0.store(false, std::sync::atomic::Ordering::SeqCst);
         let (status, body) = call(state);
         assert_eq!(status, 503);
         assert_eq!(body["reason"], "the uploader has stopped");

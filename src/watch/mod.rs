@@ -64,7 +64,7 @@ pub struct WatchStats {
     pub pending: AtomicU64,
     /// Unix seconds of the last completed scan.
     pub last_scan_unix: AtomicU64,
-    /// Beats every pass of the settle loop (liveness; see `crate::health`).
+    /// Beats every pass of the settle loop (liveness; see `crate::service::health`).
     pub heartbeat: Arc<crate::util::heartbeat::Heartbeat>,
 }
 

@@ -9,8 +9,8 @@
 //!
 //! Secrets never reach a log line: the configuration is never logged (only chosen fields such
 //! as the bucket and endpoint), the SDK's credentials redact themselves in `Debug`, and
-//! `check-config` prints a redacted copy. `tests/ops.rs` runs the binary with a known secret,
-//! at trace level, and greps everything it printed.
+//! `check-config` prints a redacted copy. `tests/service.rs` (`no_secret_in_anything_printed`)
+//! runs the binary with a known secret, at trace level, and searches everything it printed.
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;

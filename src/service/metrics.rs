@@ -1,12 +1,13 @@
-//! Prometheus metrics, rendered by [`render`] for `GET /metrics`, and the health answer for
-//! `GET /healthz` ([`health`]).
+//! Prometheus metrics, rendered by [`render`] for `GET /metrics`.
 //!
 //! One registry for the process. Counters and the histogram are fed by hooks where things
 //! happen (an upload completes, a request is retried, a file fails, a look-up is answered);
 //! figures that come from the journal (files per state, bytes waiting, oldest waiting file) and
 //! the free space of the watch root are refreshed every few seconds by the daemon's monitor
-//! (see `crate::systemd`), never per scrape, since counting a large journal is not free. The
-//! stages' heartbeat ages are read at render time (atomics).
+//! (`super::monitor`), never per scrape, since counting a large journal is not free. The
+//! stages' heartbeat ages and the health verdict come from the daemon's liveness
+//! (`super::health`), which the monitor reads at every watchdog check (at least once a
+//! second).
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
@@ -37,7 +38,7 @@ use prometheus::{
     TextEncoder,
 };
 
-pub use crate::health::{Health, health};
+use super::health::Liveness;
 use crate::journal::{Queue, State};
 use crate::store::{ErrorKind, StoreError};
 
@@ -207,16 +208,6 @@ pub fn render() -> String {
     let Some(m) = METRICS.as_ref() else {
         return "# metrics are unavailable\n".to_string();
     };
-    if let Some(l) = crate::health::current() {
-        for (stage, age) in l.ages() {
-            m.heartbeat_age
-                .with_label_values(&[stage])
-                .set(age.as_secs_f64());
-        }
-        m.healthy.set(i64::from(l.health().is_ok()));
-    } else {
-        m.healthy.set(0);
-    }
     TextEncoder::new()
         .encode_to_string(&m.registry.gather())
         .unwrap_or_else(|e| format!("# cannot encode metrics: {e}\n"))
@@ -293,6 +284,18 @@ fn label(s: &str) -> String {
     } else {
         "other".to_string()
     }
+}
+
+/// The stages' heartbeat ages and the health verdict, refreshed by the daemon's monitor.
+pub(crate) fn set_liveness(l: &Liveness) {
+    with(|m| {
+        for (stage, age) in l.ages() {
+            m.heartbeat_age
+                .with_label_values(&[stage])
+                .set(age.as_secs_f64());
+        }
+        m.healthy.set(i64::from(l.health().is_ok()));
+    });
 }
 
 /// Journal figures, refreshed by the daemon's monitor.

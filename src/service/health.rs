@@ -7,14 +7,18 @@
 //! each commit; while it is idle the monitor sends it an empty transaction now and then, see
 //! [`Liveness::journal_probe_due`]). A stage whose heartbeat is older than `health.stall_secs`
 //! is stalled: the systemd watchdog pings stop (so systemd restarts the daemon), `/healthz`
-//! answers 503 naming the stage, and `STATUS=` says so.
+//! answers 503 naming the stage, `STATUS=` says so and `record_offload_healthy` turns 0.
+//!
+//! One [`Liveness`] per daemon holds that verdict; everything that reports health asks it,
+//! through the handle the daemon passes around (no process-wide state: several daemons may
+//! run in one process, as they do in the tests).
 //!
 //! Waiting for input is progress: a loop that waits for work wakes up on a timer to beat. What
 //! does not beat is a loop stuck in a call that never returns — a journal write that never
 //! commits, a hung file-system call, a deadlock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -72,13 +76,20 @@ impl std::fmt::Display for Stall {
     }
 }
 
-/// The stages of one running daemon and how long each may go without progress.
+/// The stages of one daemon and how long each may go without progress: the one place that
+/// decides whether the daemon is alive. `/healthz` ([`HealthCheck`]), the watchdog pings and
+/// `STATUS=` (`super::monitor`) and the liveness metrics all ask it.
 #[derive(Debug)]
 pub struct Liveness {
     stages: Vec<(&'static str, Arc<Heartbeat>)>,
     allowance: Duration,
-    stopping: AtomicBool,
+    /// [`RUNNING`], [`STOPPING`] or [`STOPPED`].
+    phase: AtomicU8,
 }
+
+const RUNNING: u8 = 0;
+const STOPPING: u8 = 1;
+const STOPPED: u8 = 2;
 
 /// Stage names, as they appear in logs, `STATUS=`, `/healthz` and metrics.
 pub const WATCHER: &str = "watcher";
@@ -91,7 +102,7 @@ impl Liveness {
         Liveness {
             stages,
             allowance,
-            stopping: AtomicBool::new(false),
+            phase: AtomicU8::new(RUNNING),
         }
     }
 
@@ -127,19 +138,36 @@ impl Liveness {
 
     /// From now on the daemon is draining: health says so, stalls no longer count.
     pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        let _ =
+            self.phase
+                .compare_exchange(RUNNING, STOPPING, Ordering::Relaxed, Ordering::Relaxed);
     }
 
+    /// Every stage has stopped.
+    pub fn set_stopped(&self) {
+        self.phase.store(STOPPED, Ordering::Relaxed);
+    }
+
+    /// Draining or stopped.
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
+        self.phase.load(Ordering::Relaxed) != RUNNING
     }
 
     pub fn health(&self) -> Health {
-        if self.is_stopping() {
-            return Health {
-                status: "stopping",
-                reason: Some("shutting down".to_string()),
-            };
+        match self.phase.load(Ordering::Relaxed) {
+            RUNNING => {}
+            STOPPING => {
+                return Health {
+                    status: "stopping",
+                    reason: Some("shutting down".to_string()),
+                };
+            }
+            _ => {
+                return Health {
+                    status: "not_running",
+                    reason: Some("the pipeline is not running".to_string()),
+                };
+            }
         }
         match self.stalled() {
             Some(s) => Health {
@@ -151,28 +179,18 @@ impl Liveness {
     }
 }
 
-/// The liveness of the daemon running in this process (the last one started), for callers
-/// that have no handle on it, such as the look-up server's `/healthz`.
-static CURRENT: RwLock<Option<Arc<Liveness>>> = RwLock::new(None);
-
-pub(crate) fn set_current(l: Option<Arc<Liveness>>) {
-    if let Ok(mut c) = CURRENT.write() {
-        *c = l;
-    }
+/// What `/healthz` asks: `Err(reason)` makes it answer 503 with that reason.
+pub trait HealthCheck: Send + Sync {
+    fn check(&self) -> Result<(), String>;
 }
 
-pub fn current() -> Option<Arc<Liveness>> {
-    CURRENT.read().ok().and_then(|c| c.clone())
-}
-
-/// Health of the daemon running in this process; `not_running` when there is none.
-pub fn health() -> Health {
-    match current() {
-        Some(l) => l.health(),
-        None => Health {
-            status: "not_running",
-            reason: Some("the pipeline is not running".to_string()),
-        },
+impl HealthCheck for Liveness {
+    fn check(&self) -> Result<(), String> {
+        let h = self.health();
+        match h.reason {
+            None => Ok(()),
+            Some(reason) => Err(format!("{}: {reason}", h.status)),
+        }
     }
 }
 
