@@ -22,9 +22,9 @@ use thiserror::Error;
 
 use crate::config::Settings;
 use crate::journal::{self, Intake, JournalError};
+use crate::pipeline::watch::{scan, writers};
 use crate::util::fs::Identity;
 use crate::util::keys::KeyTemplate;
-use crate::watch::{scan, writers};
 
 /// Files per journal transaction: short enough not to hold up the daemon's writer.
 const BATCH: usize = 256;

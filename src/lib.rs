@@ -29,15 +29,12 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod delete;
 #[cfg(feature = "dev-server")]
 pub mod devserver;
 pub mod import;
 pub mod journal;
 pub mod lookup;
-pub mod prune;
+pub mod pipeline;
 pub mod service;
 pub mod store;
-pub mod upload;
 pub mod util;
-pub mod watch;

@@ -399,7 +399,8 @@ async fn permanent_error_fails_and_retry_requeues() {
     std::fs::write(
         &cfg_file,
         format!(
-            "[watch]\nroot = {:?}\n[journal]\npath = {:?}\n[storage]\nbucket = \"rec\"\naccess_key_id = \"x\"\naccess_key_secret = \"y\"\n",
+            // The daemon's node name: `retry` renders keys the way the daemon does.
+            "[node]\nname = {NODE:?}\n[watch]\nroot = {:?}\n[journal]\npath = {:?}\n[storage]\nbucket = \"rec\"\naccess_key_id = \"x\"\naccess_key_secret = \"y\"\n",
             env.root.display().to_string(),
             env.journal_path.display().to_string()
         ),
@@ -551,4 +552,79 @@ async fn stray_uploads_are_aborted_even_when_stopped_at_once() {
         .map(|(_, _, id)| id)
         .collect();
     assert_eq!(open, vec![theirs], "ours was {ours}");
+}
+
+/// A start that fails after the deleter began (here: recovery cannot read a damaged row)
+/// stops and awaits every stage before it returns: nothing it started goes on afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_leaves_nothing_running() {
+    use record_offload::journal;
+    use record_offload::util::fs::Identity;
+    let env = Env::new().await;
+    // A stored file whose local copy is still there: recovery hands it to the deleter.
+    let path = env.write("stored.mp4", b"already in the bucket");
+    let identity = Identity::from_metadata(&std::fs::metadata(&path).unwrap());
+    let conn = journal::open_rw(&env.journal_path).unwrap();
+    journal::intake(
+        &conn,
+        Path::new("stored.mp4"),
+        &env.key("stored.mp4"),
+        &identity,
+        true,
+    )
+    .unwrap();
+    let row = journal::get_by_path(&conn, Path::new("stored.mp4"))
+        .unwrap()
+        .unwrap();
+    journal::set_uploaded(&conn, row.id, row.generation, &identity, "md5", None).unwrap();
+    // A settling row whose path is text, not bytes: recovery's read of settling rows fails.
+    conn.execute(
+        "INSERT INTO files (path, key, state, discovered_ms, updated_ms)
+         VALUES ('damaged', 'k', 'settling', 0, 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+
+    let started = record_offload::daemon::Daemon::start(env.config(|_| {})).await;
+    assert!(started.is_err(), "the start did not fail");
+    let seen = (path.exists(), env.state("stored.mp4"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        (path.exists(), env.state("stored.mp4")),
+        seen,
+        "a stage went on after the failed start"
+    );
+}
+
+/// A file whose key the template cannot render (too long) is recorded failed, without a key;
+/// under a template that renders it, its next attempt gives it the new key and stores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_without_a_key_is_stored_once_the_template_renders_it() {
+    let env = Env::new().await;
+    let long_prefix = "x".repeat(1000);
+    let d = env
+        .start(env.config(|c| {
+            c.storage.key_template = format!("{{node}}/{long_prefix}/{{path}}");
+            c.upload.failed_retry_secs = 1.0;
+        }))
+        .await;
+    let name = "a-name-too-long-for-that-template.mp4";
+    env.write(name, b"keep me until I have a key");
+    let row = env.wait_state(name, State::Failed, T).await;
+    assert_eq!(row.key, "");
+    d.shutdown();
+    d.wait().await;
+
+    let d = env
+        .start(env.config(|c| c.upload.failed_retry_secs = 1.0))
+        .await;
+    let row = env.wait_state(name, State::Deleted, T).await;
+    assert_eq!(row.key, env.key(name));
+    assert_eq!(
+        env.get(&env.key(name)).await.unwrap(),
+        b"keep me until I have a key"
+    );
+    d.shutdown();
+    d.wait().await;
 }

@@ -5,8 +5,11 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use tracing::warn;
 use walkdir::WalkDir;
 
+use super::WatchParams;
+use crate::journal::{self, State};
 use crate::util::filter::Filter;
 use crate::util::fs::Identity;
 
@@ -77,6 +80,55 @@ pub fn scan(root: &Path, sub: &Path, filter: &Filter) -> ScanResult {
     }
     out.empty_dirs = dirs.into_iter().filter(|d| !parents.contains(d)).collect();
     out
+}
+
+/// What a scan found, for the settler.
+pub(super) struct ScanOutcome {
+    /// Files to consider, with the age of their mtime (None: in the future).
+    pub(super) files: Vec<(PathBuf, Identity)>,
+    pub(super) prunable: Vec<PathBuf>,
+    pub(super) dirs: usize,
+}
+
+/// Walks `sub` and drops what the journal already knows in the same state.
+pub(super) fn scan_and_filter(params: &WatchParams, sub: &Path) -> ScanOutcome {
+    let res = scan(&params.root, sub, &params.filter);
+    for e in res.errors.iter().take(5) {
+        warn!(error = %e, "scan: cannot read an entry");
+    }
+    let conn = journal::open_ro(&params.journal_path).ok();
+    let mut files = Vec::with_capacity(res.files.len());
+    for (rel, id) in res.files {
+        let known = conn
+            .as_ref()
+            .and_then(|c| journal::get_by_path(c, &rel).ok().flatten());
+        let skip = match known {
+            Some(row) if row.identity == Some(id) => match row.state {
+                State::Queued | State::Uploading | State::Failed => true,
+                State::Uploaded => !params.delete_after_upload,
+                State::Deleted | State::Settling | State::Vanished => false,
+            },
+            _ => false,
+        };
+        if !skip {
+            files.push((rel, id));
+        }
+    }
+    // Only directories that held a file this daemon removed are pruned: a directory a recorder
+    // created for its next file is left alone.
+    let prunable = match &conn {
+        Some(c) => res
+            .empty_dirs
+            .into_iter()
+            .filter(|d| journal::had_deleted_under(c, d).unwrap_or(false))
+            .collect(),
+        None => Vec::new(),
+    };
+    ScanOutcome {
+        files,
+        prunable,
+        dirs: res.dirs,
+    }
 }
 
 #[cfg(test)]

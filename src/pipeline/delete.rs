@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::UploadStats;
 use crate::journal::{self, Durability, Journal};
-use crate::upload::UploadStats;
 use crate::util::fs::{Identity, Root, UnlinkOutcome};
 
 /// A stored file whose local copy is to be removed.

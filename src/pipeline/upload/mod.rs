@@ -1,0 +1,350 @@
+//! Uploading, checking and deleting one file at a time, for many files at once.
+//!
+//! # Scheduling
+//!
+//! The scheduler takes due rows from the journal (`queued`, `uploading`, and `failed` rows
+//! whose wait is over) and runs one task per file, up to a few more files than
+//! `upload.concurrency`. What is bounded by `upload.concurrency` is the number of requests that
+//! carry data (small objects and parts), across all files: a semaphore permit is held while a
+//! part is sent. Before that, a file or part is read and hashed under a second permit (twice
+//! `upload.concurrency` of them), so hashing overlaps sending and the digests of several files
+//! meet on the hashing thread ([`crate::util::hasher`]). Memory is therefore a few chunk buffers per
+//! permit, whatever the part and file sizes: parts are never held in memory, they are read
+//! twice from the file (once to hash, once to send), which costs page-cache reads but keeps the
+//! daemon small.
+//!
+//! # One file
+//!
+//! 1. A failed row being tried again first takes the key the template renders now (a row
+//!    recorded without one, or under an older template, is mended). Open the file without
+//!    following links; its identity `(dev, inode, size, mtime)` must be the one recorded when
+//!    it settled, otherwise it changed: back to settling.
+//! 2. Files of at most one part: PutObject. Larger: CreateMultipartUpload (the id is committed
+//!    before the first part), then parts in order of reading, each hashed, sent with
+//!    `Content-MD5` and committed when the store acknowledges it with a matching ETag. A row
+//!    that already has an upload id (after a restart) asks ListParts and sends only what is
+//!    missing.
+//! 3. Check the object: a PutObject's answer carries the ETag the store computed over what it
+//!    stored, which must be the file's MD5 (checked as it arrives); a multipart object's ETag is
+//!    not an MD5, so it is HEADed and its size must match.
+//! 4. Re-check the file: unchanged since it was read, or it is uploaded again after it settles.
+//! 5. Commit `uploaded`, then hand the file to the deleter ([`super::delete`]), which makes
+//!    the commit durable, unlinks the file only if it is still the same file, and commits
+//!    `deleted`. Directories emptied that way go to the pruner.
+//!
+//! Transient errors (network, 5xx, throttling, timeouts, a corrupt part) are retried in place
+//! with capped exponential backoff and jitter, forever while the file is on disk; each failure
+//! is written to the row (`attempts`, `last_error`) so `status` shows it. Permanent errors
+//! (credentials, bucket, permissions) put the row in `failed`.
+//!
+//! # Files
+//!
+//! - `scheduler`: picks due rows, runs a task per file, records each attempt's outcome.
+//! - `file`: one file's steps, from opening it to handing it to the deleter.
+//! - `small`: files of one part, a single PutObject.
+//! - `multipart`: larger files: resume, parts, completion.
+//! - `hash`: reading and hashing (MD5s on the hashing thread, CRC-64 alongside).
+
+mod file;
+mod hash;
+mod multipart;
+mod scheduler;
+mod small;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::UploadStats;
+use super::delete::DeleteJob;
+use crate::config::Settings;
+use crate::journal::{self, Durability, FileRow, Journal, JournalError};
+use crate::store::{Store, StoreError};
+use crate::util::fs::{Identity, Root};
+use crate::util::hasher::Hasher;
+use crate::util::throttle::{Bandwidth, Windows};
+
+/// S3 and OSS allow at most this many parts.
+pub const MAX_PARTS: u64 = 10_000;
+const MIB: u64 = 1024 * 1024;
+
+/// The part size for a file: the configured size, grown (in whole MiB) so that the file fits
+/// in [`MAX_PARTS`] parts.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    let needed = size.div_ceil(MAX_PARTS);
+    let needed = needed.div_ceil(MIB) * MIB;
+    configured.max(needed)
+}
+
+/// Capped exponential backoff with jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: `initial × 2^attempt`, capped at `max`, then scaled by a random factor
+    /// in [0.5, 1) so that many files do not retry in lockstep.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.initial.as_secs_f64() * 2f64.powi(self.attempt.min(30) as i32);
+        self.attempt = self.attempt.saturating_add(1);
+        let capped = exp.min(self.max.as_secs_f64());
+        let jitter = rand::rng().random_range(0.5..1.0);
+        Duration::from_secs_f64(capped * jitter)
+    }
+}
+
+/// How one attempt at a file ended.
+#[derive(Debug)]
+enum Outcome {
+    /// Stored (and deleted when configured); the journal says so.
+    Done,
+    /// The file changed or went away; the journal says so.
+    Handled,
+    /// A permanent error.
+    Failed(String),
+    /// Give up this attempt and retry the whole file later (transient error outside a part).
+    Retry(String),
+    /// Shutdown.
+    Interrupted,
+}
+
+/// Errors inside a file task.
+#[derive(Debug)]
+enum TaskError {
+    Store(StoreError),
+    Journal(JournalError),
+    /// The file is not what was recorded any more.
+    Changed,
+    /// The file is gone.
+    Gone,
+    Io(String),
+    Interrupted,
+}
+
+impl From<JournalError> for TaskError {
+    fn from(e: JournalError) -> Self {
+        TaskError::Journal(e)
+    }
+}
+
+impl From<StoreError> for TaskError {
+    fn from(e: StoreError) -> Self {
+        TaskError::Store(e)
+    }
+}
+
+/// Everything the upload side shares.
+pub struct Uploader {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub journal: Journal,
+    pub root: Arc<Root>,
+    /// Requests that carry data in flight.
+    permits: Arc<Semaphore>,
+    /// Files and parts being read and hashed ahead of their request (twice as many as
+    /// `permits`), so hashing overlaps sending and several digests run side by side.
+    prepared: Arc<Semaphore>,
+    hasher: Arc<Hasher>,
+    /// Woken when rows become due (intake, retries).
+    pub wake: Arc<Notify>,
+    resettle: mpsc::Sender<PathBuf>,
+    deleter: mpsc::Sender<DeleteJob>,
+    pub stats: Arc<UploadStats>,
+    /// `upload.max_bytes_per_sec`, shared by every body.
+    limit: Option<Arc<Bandwidth>>,
+    /// `upload.windows`.
+    windows: Windows,
+}
+
+impl Uploader {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        journal: Journal,
+        root: Arc<Root>,
+        resettle: mpsc::Sender<PathBuf>,
+        deleter: mpsc::Sender<DeleteJob>,
+        stats: Arc<UploadStats>,
+    ) -> Arc<Uploader> {
+        let permits = Arc::new(Semaphore::new(settings.config.upload.concurrency));
+        let prepared = Arc::new(Semaphore::new(2 * settings.config.upload.concurrency));
+        let limit = Bandwidth::new(settings.config.upload.max_bytes_per_sec).map(Arc::new);
+        let windows = settings.windows.clone();
+        Arc::new(Uploader {
+            settings,
+            store,
+            journal,
+            root,
+            permits,
+            prepared,
+            hasher: Arc::new(Hasher::start()),
+            wake: Arc::new(Notify::new()),
+            resettle,
+            deleter,
+            stats,
+            limit,
+            windows,
+        })
+    }
+
+    fn backoff(&self) -> Backoff {
+        let up = &self.settings.config.upload;
+        Backoff::new(
+            Duration::from_secs_f64(up.retry_initial_secs),
+            Duration::from_secs_f64(up.retry_max_secs),
+        )
+    }
+
+    fn delete_after_upload(&self) -> bool {
+        self.settings.config.upload.delete_after_upload
+    }
+
+    /// Aborts the multipart upload the row records, if any (best effort: a leftover is cleaned
+    /// by the bucket's lifecycle rule).
+    async fn abort_recorded_upload(&self, row: &FileRow) {
+        if let Some(upload_id) = &row.upload_id
+            && let Err(e) = self.store.abort_multipart(&row.key, upload_id).await
+        {
+            warn!(error = %e, "cannot abort the multipart upload");
+        }
+    }
+
+    /// `row` with the upload id the journal holds now for this generation: `row` is what the
+    /// attempt started with, and an upload the attempt created is recorded only in the
+    /// journal. Without this, a file that changed or vanished during its first attempt left
+    /// its multipart upload open in the bucket.
+    async fn with_current_upload(&self, row: &FileRow) -> FileRow {
+        let id = row.id;
+        let mut out = row.clone();
+        match self.journal.read(move |c| journal::get(c, id)).await {
+            Ok(Some(now))
+                if now.generation == row.generation
+                    && now.upload_generation == Some(row.generation) =>
+            {
+                out.upload_id = now.upload_id;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read the row's upload id"),
+        }
+        out
+    }
+
+    /// Sleeps for the next backoff delay unless cancelled; records the error on the row.
+    async fn pause(
+        &self,
+        row: &FileRow,
+        backoff: &mut Backoff,
+        err: &StoreError,
+        cancel: &CancellationToken,
+    ) -> Result<(), TaskError> {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        crate::service::metrics::upload_retry(&crate::service::metrics::store_reason(err));
+        let delay = backoff.next_delay();
+        debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "request failed; retrying");
+        let (id, generation) = (row.id, row.generation);
+        let msg = err.to_string();
+        let next = journal::now_ms() + delay.as_millis() as i64;
+        // Visible in `status` while we wait; the row stays with this task.
+        self.journal
+            .write(Durability::Normal, move |c| {
+                journal::set_retry(c, id, generation, &msg, next)
+            })
+            .await?;
+        tokio::select! {
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+            _ = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
+    /// Fails with `Changed` or `Gone` when the file at the path is no longer `expect`.
+    fn check_unchanged(&self, rel: &Path, file: &File, expect: &Identity) -> Result<(), TaskError> {
+        let now = rustix::fs::fstat(file).map_err(|e| TaskError::Io(e.to_string()))?;
+        if Identity::from_stat(&now) != *expect {
+            return Err(TaskError::Changed);
+        }
+        match self.root.stat(rel) {
+            Ok((_, id)) if id == *expect => Ok(()),
+            Ok(_) => Err(TaskError::Changed),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TaskError::Gone),
+            Err(e) => Err(TaskError::Io(format!("stat: {e}"))),
+        }
+    }
+
+    /// A slot for a request that carries data: inside an upload window, and one of
+    /// `upload.concurrency`.
+    async fn acquire(&self, cancel: &CancellationToken) -> Result<OwnedSemaphorePermit, TaskError> {
+        if !self.windows.wait_open(cancel).await {
+            return Err(TaskError::Interrupted);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+            p = self.permits.clone().acquire_owned() => p.map_err(|_| TaskError::Interrupted),
+        }
+    }
+
+    /// A turn to read and hash ahead of sending (see `prepared`).
+    async fn prepare(&self, cancel: &CancellationToken) -> Result<OwnedSemaphorePermit, TaskError> {
+        tokio::select! {
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+            p = self.prepared.clone().acquire_owned() => p.map_err(|_| TaskError::Interrupted),
+        }
+    }
+
+    /// Queues the removal of a stored file's local copy (see [`crate::delete`]).
+    pub async fn delete_local(&self, id: i64, generation: i64, rel: &Path, identity: &Identity) {
+        let job = DeleteJob {
+            id,
+            generation,
+            rel: rel.to_path_buf(),
+            identity: *identity,
+        };
+        // Closed only at shutdown: the file is then removed at the next start.
+        let _ = self.deleter.send(job).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_grows_for_huge_files() {
+        let p = 16 * MIB;
+        assert_eq!(part_size_for(0, p), p);
+        assert_eq!(part_size_for(100 * 1024 * MIB, p), p);
+        let huge = 1024 * 1024 * MIB; // 1 TiB
+        let ps = part_size_for(huge, p);
+        assert!(huge.div_ceil(ps) <= MAX_PARTS);
+        assert_eq!(ps % MIB, 0);
+        assert!(ps < p * 8);
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let d: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] < Duration::from_millis(100));
+        assert!(d[3] >= Duration::from_millis(400) && d[3] < Duration::from_millis(800));
+        for x in &d[6..] {
+            assert!(*x >= Duration::from_secs(1) && *x < Duration::from_secs(2));
+        }
+    }
+}
