@@ -12,12 +12,18 @@
 //! - [`index`] keeps the stored files in memory, so that their look-ups need no journal read.
 //! - [`auth`] checks who may ask: the `lookup.allow` networks and signed requests.
 //! - [`range`] reads `Range` headers for local files.
-//! - [`server`] is the HTTP server on every `lookup.listen` address: limits, routes, answers.
+//! - [`server`] is the HTTP server on every `lookup.listen` address: limits, connections,
+//!   shutdown; `listen` binds its sockets, `routes` answers each route, `files` serves local
+//!   files (ranges, conditional requests), `answer` builds JSON and redirect answers.
+mod answer;
 pub mod auth;
+mod files;
 pub mod index;
 pub mod legacy;
+mod listen;
 pub mod range;
 pub mod resolve;
+mod routes;
 pub mod server;
 pub mod sign;
 pub mod signer;
