@@ -3,37 +3,41 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: defaults → TOML → `RECORD_OFFLOAD_*` environment, validated into [`config::Settings`].
-//! - [`watch`]: inotify and scans; decides when a file is finished (settled).
-//! - [`journal`]: the SQLite journal, single source of truth; the state machine of every file.
-//! - [`upload`]: scheduling, PutObject / multipart upload with resume, verify, delete.
-//! - [`store`]: the aws-sdk-s3 client set up for OSS, and the retryable/permanent decision.
-//! - [`delete`]: removes local copies of stored files, in batches behind one durable commit.
-//! - [`prune`]: removes directories that deletions emptied, once they stayed idle.
-//! - [`throttle`]: bandwidth limit and upload windows.
-//! - [`fsutil`]: file-system access confined to the watch root (no symlinks, no `..`).
-//! - [`keys`]: object keys from `storage.key_template`.
-//! - [`lookup`]: playback look-ups: input parsing, URL signing, the resolver and its HTTP server.
-//! - [`md5pair`]: the MD5 of a part and of the whole file in one pass.
-//! - [`media`]: content types by extension, the same for stored objects and local files.
-//! - [`daemon`]: wires the stages together, recovery at start, graceful shutdown.
-//! - [`health`]: liveness of the stages (heartbeats), behind `/healthz` and the watchdog.
-//! - [`metrics`]: Prometheus metrics for `/metrics`.
-//! - [`systemd`]: `sd_notify` (READY, STATUS, WATCHDOG, STOPPING) and the monitor task.
-//! - [`logging`]: journald when stderr is the journal, plain text otherwise.
-//! - [`import`]: queues the files of an existing tree (`record-offload import`).
-//! - [`cli`]: the `record-offload` command line.
-//! - `devserver` (feature `dev-server`): a local S3-compatible server for the demo, tests and
-//!   benchmarks.
+//! Layers, lowest first. A module names only modules of the layers below it
+//! (`scripts/check_layers.py`, run by CI, fails on anything else). A newcomer reads
+//! `docs/contract.md` (what must hold), then [`daemon`] (how the stages are wired), then one
+//! file's way through [`pipeline`]: `watch` → `intake` → `upload` → `delete` → `prune`.
+//!
+//! 1. [`util`]: leaf helpers with no knowledge of the daemon — file access confined to the
+//!    root (`fs`), include/exclude globs, object keys from the template, media types, the MD5
+//!    pair and the hashing thread, the bandwidth limit and upload windows, heartbeats, human
+//!    sizes, failpoints for the crash tests.
+//! 2. [`config`]: defaults → TOML → `RECORD_OFFLOAD_*`, validated once into
+//!    [`config::Settings`], which carries every setting already parsed (templates, windows,
+//!    networks, hosts, TLS roots); secrets and their redaction. Beside it, `devserver`
+//!    (feature `dev-server`): the local S3-compatible server of the demo, tests and benchmarks.
+//! 3. [`journal`]: the SQLite journal, single source of truth, and every SQL statement of the
+//!    crate: schema and migrations, the writer thread, state transitions, status figures, and
+//!    the readers look-ups and scans use. [`store`]: the aws-sdk-s3 client set up for OSS and
+//!    the one decision of what is retryable.
+//! 4. [`service`]: what the host sees of the daemon — liveness (`health`), Prometheus
+//!    `metrics`, systemd notifications and the watchdog (`systemd`, `monitor`), `logging`.
+//! 5. [`pipeline`]: the stages — `watch` (inotify, scans, settling), `intake` (settled files
+//!    into the journal), `upload` (scheduler, per-file steps, PutObject, resumable multipart,
+//!    verification), `delete` (local copies of stored files), `prune` (emptied directories),
+//!    `recovery` (what a restart re-enters). [`lookup`]: playback look-ups — input parsing,
+//!    URL signing, the resolver, the index of stored files, the HTTP server.
+//! 6. [`daemon`]: wiring only — the journal lock, start order, graceful shutdown.
+//! 7. [`ops`]: the command line and the commands besides `run` (`status`, `ls`, `resolve`,
+//!    `retry`, `import`, `demo`).
 
-pub mod cli;
 pub mod config;
 pub mod daemon;
 #[cfg(feature = "dev-server")]
 pub mod devserver;
-pub mod import;
 pub mod journal;
 pub mod lookup;
+pub mod ops;
 pub mod pipeline;
 pub mod service;
 pub mod store;

@@ -1,5 +1,5 @@
-//! The `record-offload` binary: everything lives in the library; see `cli`.
+//! The `record-offload` binary: everything lives in the library; see `ops::cli`.
 
 fn main() -> std::process::ExitCode {
-    record_offload::cli::main()
+    record_offload::ops::cli::main()
 }

@@ -8,7 +8,7 @@
 //! an unused snapshot on a timer ([`LookupReader::maintain`], every 50 ms), so an idle server
 //! does not hold the WAL back from its checkpoints.
 //!
-//! A [`SnapshotCache`] (the look-up index, `crate::lookup::index`) may be kept in step with the
+//! A [`SnapshotCache`] (the look-up index, `lookup/index.rs`) may be kept in step with the
 //! snapshot: when a snapshot begins it catches up with the journal through the `unstored` log
 //! ([`Snapshot::unstored_after`]), and it learns the stored rows look-ups read in that same
 //! snapshot, so cache and journal agree as of the snapshot in use. It is built from

@@ -63,7 +63,7 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO meta (k, v) VALUES ('barrier', 0);
     "#,
     // 3: the log of paths whose stored row went away or changed, which the look-up index
-    // (`crate::lookup::index`) follows; kept to its last 10,000 entries. Triggers, so that every
+    // (`lookup/index.rs`) follows; kept to its last 10,000 entries. Triggers, so that every
     // writer appends to it: the daemon, `import`, or someone with sqlite3.
     r#"
     CREATE TABLE unstored (

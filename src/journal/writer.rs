@@ -65,7 +65,7 @@ struct Inner {
     path: PathBuf,
     tx: mpsc::Sender<Job>,
     readers: Mutex<Vec<Connection>>,
-    /// Beats after every commit of the writer thread (liveness; see `crate::service::health`).
+    /// Beats after every commit of the writer thread (liveness; see `service/health.rs`).
     heartbeat: Arc<Heartbeat>,
 }
 

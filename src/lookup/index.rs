@@ -4,9 +4,10 @@
 //! # Why
 //!
 //! On a journal of a million rows, the indexed `SELECT` of a look-up walks two B-trees (the
-//! path index, then the table) through about six pages of a 330 MB file: 3–4 µs, a quarter of
-//! the look-up server's CPU per request under `bench/lookup.py`. A probe of this table costs
-//! two short hashes and usually one cache line.
+//! path index, then the table) through several pages of a large file, a good share of the
+//! look-up server's CPU per request (`bench/lookup.py`, `cargo bench --bench resolve`; the
+//! figures are in the README's Benchmarks). A probe of this table costs two short hashes and
+//! usually one cache line.
 //!
 //! # What it holds
 //!

@@ -1,6 +1,6 @@
 //! Reading look-up input into a safe path relative to `watch.root`.
 //!
-//! The input is what remains after the HTTP query string was decoded once (SPEC.md, "How
+//! The input is what remains after the HTTP query string was decoded once (docs/contract.md, "How
 //! look-up input is read"): the string nginx used to receive. It takes one of three forms:
 //!
 //! | form | example | what is checked |
@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn spec_example() {
-        // SPEC.md: `a+b %.mp4` is `/record/a+b%20%25.mp4` in a legacy URL.
+        // docs/contract.md: `a+b %.mp4` is `/record/a+b%20%25.mp4` in a legacy URL.
         let legacy = ok("/record/a+b%20%25.mp4");
         assert_eq!(legacy.rel, Path::new("a+b %.mp4"));
         assert_eq!(legacy.host, None);

@@ -425,7 +425,7 @@ impl Resolver {
         format!("{}{}/{encoded}", self.public_url, self.prefix_path)
     }
 
-    /// Resolves `input` (SPEC.md "How look-up input is read"). `host_hint` is the host the
+    /// Resolves `input` (docs/contract.md, "How look-up input is read"). `host_hint` is the host the
     /// request was addressed to, used when the input itself carries none (the drop-in route).
     pub async fn resolve(
         &self,

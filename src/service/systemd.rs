@@ -4,7 +4,7 @@
 //! Messages on `$NOTIFY_SOCKET` (nothing is sent when it is unset):
 //!
 //! - `STATUS=starting: …` while the journal is recovered;
-//! - `READY=1` at the end of `crate::daemon::Daemon::start`: the journal is recovered, every
+//! - `READY=1` at the end of `Daemon::start` (`daemon.rs`): the journal is recovered, every
 //!   stage runs and every listener is bound;
 //! - `STATUS=queued 12, uploading 2 (1.3 GiB), oldest 4m` every [`STATUS_EVERY`] (what
 //!   `systemctl status` shows), prefixed with `STALLED: …` when a stage stopped;

@@ -9,7 +9,7 @@
 //!   store checks the MD5, so hashing the body a second time with SHA-256 buys nothing and
 //!   costs CPU; the returned ETag of every part and small object is also compared with our MD5
 //!   (a server that ignores Content-MD5 — s3s-fs does — is caught that way);
-//! - the SDK's own retries are off: [`crate::upload`] retries with its own backoff, forever while
+//! - the SDK's own retries are off: the upload stage (`pipeline/upload/`) retries with its own backoff, forever while
 //!   the file exists, and needs to see each failure;
 //! - stalled-stream protection is off for uploads (a body slowed on purpose by a bandwidth limit
 //!   must not be cut); instead each request gets a deadline from its size and

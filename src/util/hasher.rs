@@ -1,8 +1,9 @@
 //! The uploader's MD5s, run several at a time on one thread.
 //!
-//! An MD5 is one long dependency chain, so a core runs it at about 0.5 GB/s whatever else it
+//! An MD5 is one long dependency chain, so a core runs it far below what its execution units
 //! could do; [`compress_lanes`] runs up to eight independent chains in vector registers for
-//! about the price of one (`cargo bench --bench md5pair`). Upload tasks send their whole
+//! about the price of one (`cargo bench --bench md5pair`; figures in the README's
+//! Benchmarks). Upload tasks send their whole
 //! blocks here — a small file's bytes, or a 1 MiB chunk of a part with its part and whole-file
 //! states — and whatever is waiting at the same moment is run side by side.
 //!
@@ -10,9 +11,8 @@
 //! more when more are likely: a caller announces its digest ([`Hasher::announce`]) before it
 //! reads the bytes; the last batch had company (several files are being hashed); or the job
 //! is a small file's, short enough that the wait costs little. Otherwise it runs at once: a
-//! lone large file is hashed as fast as on the caller's thread. Measured on 8 × 256 MiB
-//! (`bench/offload.py --case big`, where parts used to run in two lanes a fifth of the time):
-//! the daemon's CPU went from about 3.6 s to 3.0 s.
+//! lone large file is hashed as fast as on the caller's thread. Without the wait, parts of
+//! several files ran in two lanes much of the time (what it saved: README, Benchmarks).
 //!
 //! Work in flight is bounded by the callers (each waits for its answer). If the thread could
 //! not be started, or has stopped, the same work runs on the caller's blocking pool instead.

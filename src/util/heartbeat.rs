@@ -1,5 +1,5 @@
 //! A stage's heartbeat: the last moment its loop came round, read by the liveness check
-//! (`crate::service::health`).
+//! (`service/health.rs`).
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};

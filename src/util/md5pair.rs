@@ -3,9 +3,8 @@
 //! Every multipart upload needs two MD5s of the same bytes: each part's (`Content-MD5`, and
 //! to check the part's ETag) and the whole file's (kept in the journal, answered by look-ups).
 //! MD5 cannot be combined from the parts' digests, and it is slow — each of its 64 steps per
-//! block waits for the previous one, so a core runs it at about 4.5 cycles per byte while most
-//! of its execution units idle. Measured here, MD5 took 80 % of the daemon's CPU when the two
-//! digests were computed one after the other.
+//! block waits for the previous one, so a core runs it slowly while most of its execution
+//! units idle; computed one after the other, the two digests were most of the daemon's CPU.
 //!
 //! [`Md5Pair`] runs both MD5 states over each 64-byte block in the same loop: the two
 //! dependency chains are independent, so the core executes them side by side and the second

@@ -3,7 +3,7 @@
 //! The limit is one token bucket (governor) shared by every request body: a body takes
 //! tokens for each chunk before reading it, so all uploads together stay under the limit
 //! whatever `upload.concurrency` is. Request deadlines are stretched to match (see
-//! [`crate::store`]), and the SDK's stalled-stream protection is off for uploads, so a body
+//! `store/client.rs`), and the SDK's stalled-stream protection is off for uploads, so a body
 //! slowed on purpose is never cut.
 //!
 //! Windows are local-time ranges `HH:MM-HH:MM` (a range may wrap past midnight). Outside every

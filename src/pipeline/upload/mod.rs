@@ -308,7 +308,7 @@ impl Uploader {
         }
     }
 
-    /// Queues the removal of a stored file's local copy (see [`crate::delete`]).
+    /// Queues the removal of a stored file's local copy (see [`crate::pipeline::delete`]).
     pub async fn delete_local(&self, id: i64, generation: i64, rel: &Path, identity: &Identity) {
         let job = DeleteJob {
             id,

@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "dev-server")]
+use super::demo;
+use super::{import, status};
 use crate::config::{self, Settings, Source};
-use crate::journal::{self, FileRow, State};
-use crate::util::human::{human_age, human_bytes};
+use crate::journal::{self, State};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -168,7 +170,7 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(&e.to_string(), 1),
         },
-        Command::Status { json } => with_journal(&source, |s, conn| status(s, conn, json)),
+        Command::Status { json } => with_journal(&source, |s, conn| status::status(s, conn, json)),
         Command::Ls { state, json, limit } => {
             let state = match state.as_deref().map(|s| (s, State::parse(s))) {
                 None => None,
@@ -183,7 +185,7 @@ pub fn main() -> ExitCode {
                     );
                 }
             };
-            with_journal(&source, |_, conn| ls(conn, state, json, limit))
+            with_journal(&source, |_, conn| status::ls(conn, state, json, limit))
         }
         Command::Resolve { path_or_url, json } => resolve(&source, &path_or_url, json),
         Command::Retry { id, failed } => {
@@ -195,15 +197,15 @@ pub fn main() -> ExitCode {
                 Ok(s) => retry(&s, id),
             }
         }
-        Command::Import { dry_run, json } => import(&source, dry_run, json),
+        Command::Import { dry_run, json } => import::command(&source, dry_run, json),
         #[cfg(feature = "dev-server")]
-        Command::Demo { dir, settle_secs } => demo(&dir, settle_secs),
+        Command::Demo { dir, settle_secs } => demo::demo(&dir, settle_secs),
         #[cfg(feature = "dev-server")]
         Command::DevS3 {
             data,
             listen,
             bucket,
-        } => dev_s3(&data, listen, &bucket),
+        } => demo::dev_s3(&data, listen, &bucket),
     }
 }
 
@@ -232,7 +234,7 @@ fn retry(settings: &Settings, id: Option<i64>) -> ExitCode {
     }
 }
 
-fn fail(msg: &str, code: u8) -> ExitCode {
+pub(super) fn fail(msg: &str, code: u8) -> ExitCode {
     eprintln!("record-offload: {msg}");
     ExitCode::from(code)
 }
@@ -261,7 +263,7 @@ pub fn init_logging(level: &str) {
     crate::service::logging::init(level)
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("record-offload")
@@ -269,7 +271,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
@@ -354,290 +356,6 @@ fn resolve(source: &Source, input: &std::ffi::OsStr, json: bool) -> ExitCode {
                 };
                 fail(&e.to_string(), code)
             }
-        }
-    })
-}
-
-fn status(
-    _settings: &Settings,
-    conn: &rusqlite::Connection,
-    json: bool,
-) -> Result<(), journal::JournalError> {
-    let s = journal::summary(conn)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&s)
-                .map_err(|e| journal::JournalError::Invalid(e.to_string()))?
-        );
-        return Ok(());
-    }
-    println!("{:<10} {:>8} {:>12}", "STATE", "FILES", "BYTES");
-    for st in State::ALL {
-        let n = s.counts.get(st.as_str()).copied().unwrap_or(0);
-        let b = s.bytes.get(st.as_str()).copied().unwrap_or(0);
-        println!("{:<10} {:>8} {:>12}", st.as_str(), n, human_bytes(b));
-    }
-    println!();
-    println!("waiting: {}", human_bytes(s.bytes_waiting));
-    println!("oldest waiting: {}", human_age(s.oldest_waiting_secs));
-    if !s.last_errors.is_empty() {
-        println!("last errors:");
-        for e in &s.last_errors {
-            println!("  #{} {} ({}): {}", e.id, e.path, e.state, e.error);
-        }
-    }
-    Ok(())
-}
-
-fn ls(
-    conn: &rusqlite::Connection,
-    state: Option<State>,
-    json: bool,
-    limit: Option<usize>,
-) -> Result<(), journal::JournalError> {
-    let rows: Vec<FileRow> = journal::list(conn, state, limit)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows)
-                .map_err(|e| journal::JournalError::Invalid(e.to_string()))?
-        );
-        return Ok(());
-    }
-    println!("{:>6} {:<10} {:>10}  PATH", "ID", "STATE", "SIZE");
-    for r in rows {
-        println!(
-            "{:>6} {:<10} {:>10}  {}{}",
-            r.id,
-            r.state.as_str(),
-            human_bytes(r.size),
-            r.path.display(),
-            r.last_error
-                .as_deref()
-                .filter(|_| r.state.is_waiting())
-                .map(|e| format!("  [{e}]"))
-                .unwrap_or_default()
-        );
-    }
-    Ok(())
-}
-
-/// A progress bar on stderr (drawn only when stderr is a terminal).
-struct Bar(indicatif::ProgressBar);
-
-impl crate::import::Progress for Bar {
-    fn scanning(&self, root: &std::path::Path) {
-        self.0.set_message(format!("scanning {}", root.display()));
-        self.0
-            .enable_steady_tick(std::time::Duration::from_millis(120));
-    }
-    fn recording(&self, total: u64) {
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {human_pos}/{human_len} files ({eta} left)",
-        ) {
-            self.0.set_style(style.progress_chars("=> "));
-        }
-        self.0.set_message("queueing");
-        self.0.set_length(total);
-        self.0.set_position(0);
-    }
-    fn advance(&self, n: u64) {
-        self.0.inc(n);
-    }
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
-}
-
-fn import(source: &Source, dry_run: bool, json: bool) -> ExitCode {
-    let settings = match config::load_without_secret(source) {
-        Ok(s) => s,
-        Err(e) => return fail(&e.to_string(), 2),
-    };
-    let bar = Bar(indicatif::ProgressBar::new_spinner());
-    let report = match crate::import::import(&settings, dry_run, &bar) {
-        Ok(r) => r,
-        Err(e) => {
-            bar.0.finish_and_clear();
-            return fail(&e.to_string(), 2);
-        }
-    };
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(&e.to_string(), 2),
-        }
-    } else {
-        print_import(&settings, &report);
-    }
-    if report.failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-fn print_import(settings: &Settings, r: &crate::import::Report) {
-    let root = settings.config.watch.root.display();
-    println!(
-        "found {} files ({}) under {root}",
-        r.found,
-        human_bytes(r.found_bytes)
-    );
-    let verb = if r.dry_run { "would queue" } else { "queued" };
-    println!("{verb} {} ({})", r.queued, human_bytes(r.queued_bytes));
-    if r.already_known > 0 {
-        println!("already in the journal: {}", r.already_known);
-    }
-    if r.already_stored > 0 {
-        println!(
-            "already stored: {} (the daemon removes their local copies at its next scan)",
-            r.already_stored
-        );
-    }
-    if r.skipped_recent + r.skipped_open > 0 {
-        println!(
-            "skipped, not finished yet: {} modified within watch.settle_secs ({} s), {} open for writing (the daemon takes them once they settle)",
-            r.skipped_recent, settings.config.watch.settle_secs, r.skipped_open
-        );
-    }
-    if r.processes_unreadable > 0 {
-        println!(
-            "note: the open files of {} processes could not be read; run as root to check them all",
-            r.processes_unreadable
-        );
-    }
-    if r.unreadable > 0 {
-        println!("could not read {} entries", r.unreadable);
-    }
-    if r.failed > 0 {
-        println!("could not queue {}:", r.failed);
-    }
-    for p in &r.problems {
-        println!("  {p}");
-    }
-    if r.dry_run {
-        println!("dry run: nothing was written");
-    }
-}
-
-#[cfg(feature = "dev-server")]
-fn dev_s3(data: &std::path::Path, listen: std::net::SocketAddr, bucket: &str) -> ExitCode {
-    init_logging("warn");
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
-    };
-    rt.block_on(async {
-        let server = match crate::devserver::DevServer::start(data, listen).await {
-            Ok(s) => s,
-            Err(e) => return fail(&format!("cannot start the server: {e}"), 1),
-        };
-        if let Err(e) = server.create_bucket(bucket) {
-            return fail(&format!("cannot create the bucket: {e}"), 1);
-        }
-        println!(
-            "S3-compatible server on {} (bucket {bucket}, access key {}, secret {})",
-            server.endpoint(),
-            crate::devserver::ACCESS_KEY,
-            crate::devserver::SECRET_KEY
-        );
-        shutdown_signal().await;
-        ExitCode::SUCCESS
-    })
-}
-
-#[cfg(feature = "dev-server")]
-fn demo(dir: &std::path::Path, settle_secs: f64) -> ExitCode {
-    use crate::devserver::{ACCESS_KEY, DevServer, SECRET_KEY};
-    // The in-process server's own log lines would only confuse a first look.
-    init_logging("info,s3s=off,s3s_fs=off");
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
-    };
-    let dir = match std::path::absolute(dir) {
-        Ok(d) => d,
-        Err(e) => return fail(&format!("bad --dir: {e}"), 2),
-    };
-    let record = dir.join("record");
-    let store_dir = dir.join("store");
-    if let Err(e) = std::fs::create_dir_all(&record) {
-        return fail(&format!("cannot create {}: {e}", record.display()), 1);
-    }
-    rt.block_on(async {
-        let server =
-            match DevServer::start(&store_dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => return fail(&format!("cannot start the local S3 server: {e}"), 1),
-            };
-        if let Err(e) = server.create_bucket("recordings") {
-            return fail(&format!("cannot create the bucket: {e}"), 1);
-        }
-        let toml = format!(
-            r#"
-[node]
-name = "demo"
-[watch]
-root = {root:?}
-settle_secs = {settle_secs}
-rescan_interval_secs = 30
-prune_after_secs = 10
-[journal]
-path = {journal:?}
-[storage]
-endpoint = "{endpoint}"
-region = "us-east-1"
-bucket = "recordings"
-access_key_id = "{ACCESS_KEY}"
-access_key_secret = "{SECRET_KEY}"
-path_style = true
-[upload]
-retry_max_secs = 10
-"#,
-            root = record.display().to_string(),
-            journal = dir.join("journal.db").display().to_string(),
-            endpoint = server.endpoint(),
-        );
-        let config_path = dir.join("config.toml");
-        if let Err(e) = std::fs::write(&config_path, toml) {
-            return fail(&format!("cannot write {}: {e}", config_path.display()), 1);
-        }
-        let settings = match config::load(&Source {
-            file: Some(config_path.clone()),
-            no_env: true,
-        }) {
-            Ok(s) => s,
-            Err(e) => return fail(&e.to_string(), 1),
-        };
-        println!("record-offload demo");
-        println!("  watching  {}", record.display());
-        println!(
-            "  bucket    {} (objects land in {}/recordings/demo/)",
-            server.endpoint(),
-            store_dir.display()
-        );
-        println!("  journal   {}", dir.join("journal.db").display());
-        println!("  config    {}", config_path.display());
-        println!();
-        println!(
-            "Copy a file in, e.g.  cp /etc/os-release {}/",
-            record.display()
-        );
-        println!("After {settle_secs} s of quiet it is uploaded, checked and deleted; see it with");
-        println!("  ls {}/recordings/demo/", store_dir.display());
-        println!(
-            "  record-offload --config {} status      (from another terminal)",
-            config_path.display()
-        );
-        println!("Ctrl-C stops.");
-        println!();
-        match crate::daemon::run(settings, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e.to_string(), 1),
         }
     })
 }

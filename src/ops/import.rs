@@ -14,13 +14,15 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::Connection;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::Settings;
+use super::human_bytes;
+use crate::config::{self, Settings, Source};
 use crate::journal::{self, Intake, JournalError};
 use crate::pipeline::watch::{scan, writers};
 use crate::util::fs::Identity;
@@ -152,6 +154,106 @@ pub fn import(
     }
     progress.finish();
     Ok(report)
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn scanning(&self, root: &std::path::Path) {
+        self.0.set_message(format!("scanning {}", root.display()));
+        self.0
+            .enable_steady_tick(std::time::Duration::from_millis(120));
+    }
+    fn recording(&self, total: u64) {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {human_pos}/{human_len} files ({eta} left)",
+        ) {
+            self.0.set_style(style.progress_chars("=> "));
+        }
+        self.0.set_message("queueing");
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// `record-offload import`: runs [`import`] with a progress bar and prints its report.
+pub(super) fn command(source: &Source, dry_run: bool, json: bool) -> ExitCode {
+    let settings = match config::load_without_secret(source) {
+        Ok(s) => s,
+        Err(e) => return super::cli::fail(&e.to_string(), 2),
+    };
+    let bar = Bar(indicatif::ProgressBar::new_spinner());
+    let report = match import(&settings, dry_run, &bar) {
+        Ok(r) => r,
+        Err(e) => {
+            bar.0.finish_and_clear();
+            return super::cli::fail(&e.to_string(), 2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return super::cli::fail(&e.to_string(), 2),
+        }
+    } else {
+        print_import(&settings, &report);
+    }
+    if report.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_import(settings: &Settings, r: &Report) {
+    let root = settings.config.watch.root.display();
+    println!(
+        "found {} files ({}) under {root}",
+        r.found,
+        human_bytes(r.found_bytes)
+    );
+    let verb = if r.dry_run { "would queue" } else { "queued" };
+    println!("{verb} {} ({})", r.queued, human_bytes(r.queued_bytes));
+    if r.already_known > 0 {
+        println!("already in the journal: {}", r.already_known);
+    }
+    if r.already_stored > 0 {
+        println!(
+            "already stored: {} (the daemon removes their local copies at its next scan)",
+            r.already_stored
+        );
+    }
+    if r.skipped_recent + r.skipped_open > 0 {
+        println!(
+            "skipped, not finished yet: {} modified within watch.settle_secs ({} s), {} open for writing (the daemon takes them once they settle)",
+            r.skipped_recent, settings.config.watch.settle_secs, r.skipped_open
+        );
+    }
+    if r.processes_unreadable > 0 {
+        println!(
+            "note: the open files of {} processes could not be read; run as root to check them all",
+            r.processes_unreadable
+        );
+    }
+    if r.unreadable > 0 {
+        println!("could not read {} entries", r.unreadable);
+    }
+    if r.failed > 0 {
+        println!("could not queue {}:", r.failed);
+    }
+    for p in &r.problems {
+        println!("  {p}");
+    }
+    if r.dry_run {
+        println!("dry run: nothing was written");
+    }
 }
 
 /// Drops (and counts) the files that are not finished: modified within the settle time, or

@@ -1,0 +1,70 @@
+//! `status` and `ls`: what the journal says, for people (tables) and scripts (`--json`).
+
+use crate::config::Settings;
+use crate::journal::{self, FileRow, State};
+use crate::util::human::{human_age, human_bytes};
+
+pub(super) fn status(
+    _settings: &Settings,
+    conn: &rusqlite::Connection,
+    json: bool,
+) -> Result<(), journal::JournalError> {
+    let s = journal::summary(conn)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s)
+                .map_err(|e| journal::JournalError::Invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("{:<10} {:>8} {:>12}", "STATE", "FILES", "BYTES");
+    for st in State::ALL {
+        let n = s.counts.get(st.as_str()).copied().unwrap_or(0);
+        let b = s.bytes.get(st.as_str()).copied().unwrap_or(0);
+        println!("{:<10} {:>8} {:>12}", st.as_str(), n, human_bytes(b));
+    }
+    println!();
+    println!("waiting: {}", human_bytes(s.bytes_waiting));
+    println!("oldest waiting: {}", human_age(s.oldest_waiting_secs));
+    if !s.last_errors.is_empty() {
+        println!("last errors:");
+        for e in &s.last_errors {
+            println!("  #{} {} ({}): {}", e.id, e.path, e.state, e.error);
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn ls(
+    conn: &rusqlite::Connection,
+    state: Option<State>,
+    json: bool,
+    limit: Option<usize>,
+) -> Result<(), journal::JournalError> {
+    let rows: Vec<FileRow> = journal::list(conn, state, limit)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows)
+                .map_err(|e| journal::JournalError::Invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("{:>6} {:<10} {:>10}  PATH", "ID", "STATE", "SIZE");
+    for r in rows {
+        println!(
+            "{:>6} {:<10} {:>10}  {}{}",
+            r.id,
+            r.state.as_str(),
+            human_bytes(r.size),
+            r.path.display(),
+            r.last_error
+                .as_deref()
+                .filter(|_| r.state.is_waiting())
+                .map(|e| format!("  [{e}]"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
