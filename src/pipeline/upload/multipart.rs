@@ -371,9 +371,11 @@ impl Uploader {
         if let Some(e) = failure {
             return Err(e);
         }
-        let md5_hex = pair
-            .map(|p| hex::encode(p.finish_whole()))
-            .unwrap_or_default();
+        // Never an empty MD5 in the journal: a lost hash state is an error of this attempt.
+        let Some(pair) = pair else {
+            return Err(TaskError::Io("hash state lost".into()));
+        };
+        let md5_hex = hex::encode(pair.finish_whole());
         Ok((md5_hex, crc.sum()))
     }
 
