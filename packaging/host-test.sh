@@ -59,7 +59,7 @@ trap 'echo "FAIL: unexpected error: line $LINENO: $BASH_COMMAND"; FAILED=$((FAIL
 
 # Runs COND (a shell snippet) until it succeeds or SECS pass; returns its last status.
 wait_until() {
-  local secs=$1 cond=$2 deadline=$((SECONDS + $1))
+  local cond=$2 deadline=$((SECONDS + $1))
   until eval "$cond"; do
     [ $SECONDS -lt $deadline ] || return 1
     sleep 0.5
@@ -150,7 +150,7 @@ root=$CT_MERGED
 
 # In the container, as root, quietly; output goes to the run's log and is shown on failure.
 log="$RUN/steps.log"
-show_log() { tail -n "${1:-30}" "$log" | sed 's/^/    | /'; }
+show_log() { tail -n 30 "$log" | sed 's/^/    | /'; }
 svc_show() { ct systemctl show record-offload -p "$1" --value; }
 journal() { ct journalctl --no-pager -u record-offload "$@"; }
 
