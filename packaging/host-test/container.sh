@@ -178,5 +178,5 @@ ct_shutdown() {
     done
   fi
   CT_CGROUPS_BEFORE=
-  if [ -n "$CT_RUNDIR" ]; then rm -rf "$CT_RUNDIR/upper" "$CT_RUNDIR/work" "$CT_RUNDIR/merged"; fi
+  if [ -n "$CT_RUNDIR" ] && [ "${KEEP:-0}" != 1 ]; then rm -rf "$CT_RUNDIR/upper" "$CT_RUNDIR/work" "$CT_RUNDIR/merged"; fi
 }
