@@ -332,11 +332,11 @@ else
 fi
 
 # A big file, uploaded until at least MIN_MIB are sent; prints the count before it.
-start_big() { # PATH MIB
+start_big() { # PATH MIB SENT_MIB: writes the file, waits until SENT_MIB are sent
   local before
   before=$(sent)
   record "$1" "$2"
-  wait_until 60 "[ \$(( \$(sent) - $before )) -ge $((30 * MIB)) ]" || return 1
+  wait_until 60 "[ \$(( \$(sent) - $before )) -ge $(($3 * MIB)) ]" || return 1
   echo "$before"
 }
 resume_parts() { # PATH -> parts_done of the last "resuming multipart upload"
@@ -346,9 +346,11 @@ resume_parts() { # PATH -> parts_done of the last "resuming multipart upload"
 step "watchdog: the daemon frozen with SIGSTOP"
 wd=2026/12/04/room3/frozen.mp4
 restarts=$(svc_show NRestarts)
-if before=$(start_big "$wd" "$BIG_MIB"); then
+if before=$(start_big "$wd" "$BIG_MIB" 20); then
   wd_md5=$(md5sum "$root/record/$wd" | cut -d' ' -f1)
   pid=$(svc_show MainPID)
+  sleep 5 # let the STATUS line catch up with the upload
+  echo "systemctl status while it uploads: $(ct systemctl status record-offload --no-pager | grep 'Status:' | sed 's/^ *//')"
   frozen_at=$SECONDS
   echo "sent $(mib $(($(sent) - before))) MiB of $BIG_MIB; kill -STOP $pid"
   ct kill -STOP "$pid"
@@ -359,6 +361,9 @@ if before=$(start_big "$wd" "$BIG_MIB"); then
   fi
   if wait_until 40 "[ \"\$(svc_show ActiveState)\" = active ] && [ \"\$(svc_show MainPID)\" != $pid ] && [ \"\$(svc_show MainPID)\" != 0 ]"; then
     pass "restarted: NRestarts $restarts -> $(svc_show NRestarts), new PID $(svc_show MainPID), $(svc_show ActiveState)"
+    journal -o short --since "@$(($(date +%s) - SECONDS + frozen_at))" \
+      | grep -E 'Watchdog timeout|Killing process|Main process exited|Failed with result|Scheduled restart|Starting|Started' \
+      | sed 's/^/    | /'
   else
     failed "not restarted: $(svc_show ActiveState), PID $(svc_show MainPID)"
   fi
@@ -382,7 +387,7 @@ fi
 
 step "systemctl stop during a multipart upload"
 st=2026/12/04/room4/stopped.mp4
-if before=$(start_big "$st" "$STOP_MIB"); then
+if before=$(start_big "$st" "$STOP_MIB" 30); then
   st_md5=$(md5sum "$root/record/$st" | cut -d' ' -f1)
   timeout_stop=$(svc_show TimeoutStopUSec)
   echo "sent $(mib $(($(sent) - before))) MiB of $STOP_MIB; systemctl stop"
