@@ -11,9 +11,10 @@
 #           IOSchedulingClass=, MemoryHigh=, OOMScoreAdjust= to systemd's defaults);
 #   new     the same under the unit as shipped.
 #
-# Each round runs the three windows in turn; the report gives each window's figures and the
-# medians over the rounds: the mixer's frames/s, its loss against `alone`, and the daemon's
-# upload rate (MiB/s).
+# A round runs alone, old, alone, new, alone; each daemon window is compared with the mean
+# of the alone windows on either side of it (other work on a shared machine drifts). The
+# report gives each window's figures and the medians over the rounds: the mixer's frames/s,
+# its loss against alone, and the daemon's upload rate (MiB/s).
 #
 # The other end of the upload, the local S3-compatible server (`dev-s3` of the dev build),
 # runs in the container too, as a service with the daemon's resource settings in each
@@ -27,7 +28,8 @@
 # which of the unit's settings took effect (cpu.shares, nice, I/O class of the daemon's
 # processes, memory controller).
 #
-#   scripts/neighbour.sh [--rounds N] [--window SECS] [--backlog-gib N] [--new 'KEY=V ...'] [DEB]
+#   scripts/neighbour.sh [--rounds N] [--window SECS] [--backlog-gib N] [--new 'KEY=V ...']
+#                        [--slice-weight W] [DEB]
 #
 # --new replaces the unit's resource settings for the `new` windows (to try other values);
 # DEB defaults to target/debian/record-offload_*.deb. Needs root; the root file system (with
@@ -41,6 +43,11 @@ ROUNDS=3
 WINDOW=30
 BACKLOG_GIB=4
 NEW_SETTINGS=
+# The container's system.slice against the host's own processes (it sits at the top of the
+# host's cpu hierarchy, beside them): CPUWeight 800 is cpu.shares 8192, eight busy processes'
+# worth, so other work on the host disturbs the windows less. It does not change the contest
+# inside the slice (mixer, daemon, store).
+SLICE_WEIGHT=800
 deb=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -48,6 +55,7 @@ while [ $# -gt 0 ]; do
     --window) WINDOW=$2; shift 2 ;;
     --backlog-gib) BACKLOG_GIB=$2; shift 2 ;;
     --new) NEW_SETTINGS=$2; shift 2 ;;
+    --slice-weight) SLICE_WEIGHT=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) deb=$1; shift ;;
   esac
@@ -95,6 +103,7 @@ for h in cpu cpuacct cpu,cpuacct; do
   fi
 done
 [ -n "${remounted:-}" ] && ct systemctl daemon-reexec && sleep 1
+ct systemctl set-property --runtime system.slice CPUWeight="$SLICE_WEIGHT"
 
 cp "$deb" "$root/root/"
 cp "$dev_bin" "$root/usr/local/bin/record-offload-dev"
@@ -225,31 +234,38 @@ echo "neighbour: load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 results=()
 for r in $(seq "$ROUNDS"); do
   refill "r$r"
-  a=$(window alone)
-  echo "round $r: alone  mixer $(cut -d' ' -f1 <<<"$a") frames/s  (load $(cut -d' ' -f1 /proc/loadavg))"
+  a0=$(window alone)
+  echo "round $r: alone  mixer ${a0% *} frames/s  (load $(cut -d' ' -f1 /proc/loadavg))"
   o=$(window old)
-  echo "round $r: old    mixer $(cut -d' ' -f1 <<<"$o") frames/s, daemon $(cut -d' ' -f2 <<<"$o") MiB/s  [$(cat "$RUN/seen")]"
+  echo "round $r: old    mixer ${o% *} frames/s, daemon ${o#* } MiB/s  [$(cat "$RUN/seen")]"
   refill "r$r"
+  a1=$(window alone)
+  echo "round $r: alone  mixer ${a1% *} frames/s  (load $(cut -d' ' -f1 /proc/loadavg))"
   n=$(window new)
-  echo "round $r: new    mixer $(cut -d' ' -f1 <<<"$n") frames/s, daemon $(cut -d' ' -f2 <<<"$n") MiB/s  [$(cat "$RUN/seen")]"
-  results+=("$a $o $n")
+  echo "round $r: new    mixer ${n% *} frames/s, daemon ${n#* } MiB/s  [$(cat "$RUN/seen")]"
+  a2=$(window alone)
+  echo "round $r: alone  mixer ${a2% *} frames/s  (load $(cut -d' ' -f1 /proc/loadavg))"
+  results+=("${a0% *} ${a1% *} ${a2% *} $o $n")
 done
 echo "neighbour: load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%s\n' "${results[@]}" >"$RUN/results"
 python3 - "$RUN/results" <<'EOF_PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-alone = [float(r[0]) for r in rows]
-old, old_up = [float(r[2]) for r in rows], [float(r[3]) for r in rows]
-new, new_up = [float(r[4]) for r in rows], [float(r[5]) for r in rows]
+a0, a1, a2 = ([float(r[i]) for r in rows] for i in range(3))
+old, old_up = [float(r[3]) for r in rows], [float(r[4]) for r in rows]
+new, new_up = [float(r[5]) for r in rows], [float(r[6]) for r in rows]
+base_old = [(x + y) / 2 for x, y in zip(a0, a1)]
+base_new = [(x + y) / 2 for x, y in zip(a1, a2)]
+alone = a0 + a1 + a2
 m = statistics.median
-def loss(x):
-    return [100 * (1 - v / a) for v, a in zip(x, alone)]
+def loss(x, base):
+    return [100 * (1 - v / b) for v, b in zip(x, base)]
 def each(x):
     return ", ".join(f"{v:.1f}" for v in x)
-print("| window | mixer frames/s (median) | mixer loss vs alone: median (each round) | daemon MiB/s (median) |")
+print("| window | mixer frames/s (median) | mixer loss against the alone windows beside it: median (each round) | daemon MiB/s (median) |")
 print("| --- | ---: | ---: | ---: |")
 print(f"| mixer alone | {m(alone):.1f} | - | - |")
-print(f"| + daemon, old unit | {m(old):.1f} | {m(loss(old)):.1f} % ({each(loss(old))}) | {m(old_up):.1f} |")
-print(f"| + daemon, new unit | {m(new):.1f} | {m(loss(new)):.1f} % ({each(loss(new))}) | {m(new_up):.1f} |")
+print(f"| + daemon, old unit | {m(old):.1f} | {m(loss(old, base_old)):.1f} % ({each(loss(old, base_old))}) | {m(old_up):.1f} |")
+print(f"| + daemon, new unit | {m(new):.1f} | {m(loss(new, base_new)):.1f} % ({each(loss(new, base_new))}) | {m(new_up):.1f} |")
 EOF_PY
