@@ -301,6 +301,7 @@ async fn start_stages(
     let settling = recovery::settling_still_on_disk(journal, &root).await?;
     // The watcher takes them once it runs; its queue is bounded, so they wait for room.
     stages.spawn(recovery::resettle(settling, resettle_tx, cancel.clone()));
+    stages.spawn(uploader.clone().run_failover(cancel.clone()));
     stages.spawn(recovery::abort_strays_then_upload(
         uploader.clone(),
         settings.template.prefix(&cfg.node.name),

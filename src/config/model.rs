@@ -115,6 +115,97 @@ pub struct StorageConfig {
     pub cache_control: Option<String>,
     /// User metadata (`x-amz-meta-NAME`) on every new object.
     pub metadata: BTreeMap<String, String>,
+    /// The primary failing every request this long (transient errors only) sends uploads to
+    /// `[storage.standby]`.
+    pub failover_after_secs: f64,
+    /// While failed over, the primary is probed this often.
+    pub probe_secs: f64,
+    /// `[storage.standby]`: a second store for outages of the primary; absent = none.
+    pub standby: Option<StandbyConfig>,
+}
+
+/// `[storage.standby]`: the keys of `[storage]` that describe a store (the key template and
+/// content types are the primary's), plus what differs for look-ups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandbyConfig {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub access_key_secret: String,
+    pub access_key_secret_file: Option<PathBuf>,
+    pub path_style: bool,
+    pub ca_file: Option<PathBuf>,
+    pub bucket_endpoint: bool,
+    pub storage_class: Option<String>,
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    pub content_disposition: Option<String>,
+    pub cache_control: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Copy the objects stored on the standby to the primary once it is back.
+    pub copy_back: bool,
+    /// Look-up signing for objects on the standby, where it differs from `[lookup]`.
+    pub presign_style: Option<PresignStyle>,
+    pub public_base_url: Option<String>,
+    pub cdn_auth_key: Option<String>,
+}
+
+impl Default for StandbyConfig {
+    fn default() -> Self {
+        let st = StorageConfig::default();
+        StandbyConfig {
+            endpoint: st.endpoint,
+            region: st.region,
+            bucket: String::new(),
+            access_key_id: String::new(),
+            access_key_secret: String::new(),
+            access_key_secret_file: None,
+            path_style: false,
+            ca_file: None,
+            bucket_endpoint: false,
+            storage_class: None,
+            sse: None,
+            sse_kms_key_id: None,
+            content_disposition: None,
+            cache_control: None,
+            metadata: Default::default(),
+            copy_back: false,
+            presign_style: None,
+            public_base_url: None,
+            cdn_auth_key: None,
+        }
+    }
+}
+
+impl StandbyConfig {
+    /// The standby as a `[storage]` section: its own store keys, the primary's key template
+    /// and content types.
+    pub fn as_storage(&self, primary: &StorageConfig) -> StorageConfig {
+        StorageConfig {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            bucket: self.bucket.clone(),
+            access_key_id: self.access_key_id.clone(),
+            access_key_secret: self.access_key_secret.clone(),
+            access_key_secret_file: self.access_key_secret_file.clone(),
+            path_style: self.path_style,
+            key_template: primary.key_template.clone(),
+            ca_file: self.ca_file.clone(),
+            bucket_endpoint: self.bucket_endpoint,
+            storage_class: self.storage_class.clone(),
+            sse: self.sse.clone(),
+            sse_kms_key_id: self.sse_kms_key_id.clone(),
+            content_types: primary.content_types.clone(),
+            content_disposition: self.content_disposition.clone(),
+            cache_control: self.cache_control.clone(),
+            metadata: self.metadata.clone(),
+            failover_after_secs: primary.failover_after_secs,
+            probe_secs: primary.probe_secs,
+            standby: None,
+        }
+    }
 }
 
 impl Default for StorageConfig {
@@ -137,6 +228,9 @@ impl Default for StorageConfig {
             content_disposition: None,
             cache_control: None,
             metadata: Default::default(),
+            failover_after_secs: 300.0,
+            probe_secs: 30.0,
+            standby: None,
         }
     }
 }

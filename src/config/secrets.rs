@@ -94,6 +94,14 @@ pub fn redacted_toml(settings: &Settings) -> String {
     if !c.lookup.cdn_auth_key.is_empty() {
         c.lookup.cdn_auth_key = "<redacted>".to_string();
     }
+    if let Some(sb) = &mut c.storage.standby {
+        if !sb.access_key_secret.is_empty() {
+            sb.access_key_secret = "<redacted>".to_string();
+        }
+        if sb.cdn_auth_key.as_ref().is_some_and(|k| !k.is_empty()) {
+            sb.cdn_auth_key = Some("<redacted>".to_string());
+        }
+    }
     for secret in c.lookup.auth.keys.values_mut() {
         *secret = "<redacted>".to_string();
     }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_smithy_http_client::tls::TlsContext;
@@ -42,6 +43,10 @@ pub struct Settings {
     pub allow: Vec<Cidr>,
     /// `[[nodes]]` other than this one, with their legacy hosts normalised.
     pub other_nodes: Vec<OtherNode>,
+    /// `[storage.standby]`, as settings of their own: `config.storage` is the standby's (with
+    /// the primary's key template), `secret` and `tls` are its own, and `config.lookup` carries
+    /// its signing settings where they differ. `None`: no standby.
+    pub standby: Option<Arc<Settings>>,
 }
 
 /// Another recording host, as look-ups route to it.

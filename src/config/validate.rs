@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aws_smithy_http_client::tls::{TlsContext, TrustStore};
 
@@ -150,63 +151,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
 
     // storage
     let st = &config.storage;
-    let endpoint = url::Url::parse(&st.endpoint).map_err(|e| {
-        ConfigError::new(
-            "storage.endpoint",
-            format!("not a URL ({e}): {:?}", st.endpoint),
-        )
-    })?;
-    if endpoint.scheme() != "http" && endpoint.scheme() != "https" {
-        return Err(ConfigError::new(
-            "storage.endpoint",
-            format!("must be http:// or https://, got {:?}", st.endpoint),
-        ));
-    }
-    if endpoint.host_str().is_none() {
-        return Err(ConfigError::new("storage.endpoint", "has no host"));
-    }
-    if st.region.trim().is_empty() {
-        return Err(ConfigError::new(
-            "storage.region",
-            "is required (e.g. cn-hangzhou)",
-        ));
-    }
-    if let Some(host) = endpoint.host_str()
-        && let Some(r) = oss_endpoint_region(host)
-        && r != st.region
-    {
-        // OSS checks the region in every signature: a mismatch fails every request.
-        return Err(ConfigError::new(
-            "storage.region",
-            format!(
-                "is {:?} but the endpoint {host} is in region {r:?}; set region = {r:?}",
-                st.region
-            ),
-        ));
-    }
-    if st.bucket.is_empty() {
-        return Err(ConfigError::new("storage.bucket", "is required"));
-    }
-    if st.bucket.len() < 3
-        || st.bucket.len() > 63
-        || !st
-            .bucket
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-    {
-        return Err(ConfigError::new(
-            "storage.bucket",
-            format!(
-                "must be 3-63 characters of a-z, 0-9, '-', '.', got {:?}",
-                st.bucket
-            ),
-        ));
-    }
-    if st.access_key_id.is_empty() {
-        return Err(ConfigError::new("storage.access_key_id", "is required"));
-    }
-    let secret = read_secret(st)?;
-    let tls = validate_object_options(st)?;
+    let (secret, tls) = validate_store(st)?;
     let template = KeyTemplate::parse(&st.key_template)
         .and_then(|t| t.check_node(name).map(|()| t))
         .map_err(|e| ConfigError::new("storage.key_template", e))?;
@@ -308,7 +253,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
     }
 
     let media = MediaTypes::new(&config.storage.content_types);
-    Ok(Settings {
+    let mut settings = Settings {
         config,
         secret,
         filter,
@@ -319,7 +264,146 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         windows,
         allow,
         other_nodes,
-    })
+        standby: None,
+    };
+    settings.standby = validate_standby(&settings)?;
+    Ok(settings)
+}
+
+/// The keys of `[storage]` that describe a store: endpoint, region, bucket, credentials,
+/// object options. Returns the secret and the TLS set-up.
+fn validate_store(st: &StorageConfig) -> Result<(String, Option<TlsContext>), ConfigError> {
+    let endpoint = url::Url::parse(&st.endpoint).map_err(|e| {
+        ConfigError::new(
+            "storage.endpoint",
+            format!("not a URL ({e}): {:?}", st.endpoint),
+        )
+    })?;
+    if endpoint.scheme() != "http" && endpoint.scheme() != "https" {
+        return Err(ConfigError::new(
+            "storage.endpoint",
+            format!("must be http:// or https://, got {:?}", st.endpoint),
+        ));
+    }
+    if endpoint.host_str().is_none() {
+        return Err(ConfigError::new("storage.endpoint", "has no host"));
+    }
+    if st.region.trim().is_empty() {
+        return Err(ConfigError::new(
+            "storage.region",
+            "is required (e.g. cn-hangzhou)",
+        ));
+    }
+    if let Some(host) = endpoint.host_str()
+        && let Some(r) = oss_endpoint_region(host)
+        && r != st.region
+    {
+        // OSS checks the region in every signature: a mismatch fails every request.
+        return Err(ConfigError::new(
+            "storage.region",
+            format!(
+                "is {:?} but the endpoint {host} is in region {r:?}; set region = {r:?}",
+                st.region
+            ),
+        ));
+    }
+    if st.bucket.is_empty() {
+        return Err(ConfigError::new("storage.bucket", "is required"));
+    }
+    if st.bucket.len() < 3
+        || st.bucket.len() > 63
+        || !st
+            .bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return Err(ConfigError::new(
+            "storage.bucket",
+            format!(
+                "must be 3-63 characters of a-z, 0-9, '-', '.', got {:?}",
+                st.bucket
+            ),
+        ));
+    }
+    if st.access_key_id.is_empty() {
+        return Err(ConfigError::new("storage.access_key_id", "is required"));
+    }
+    let secret = read_secret(st)?;
+    let tls = validate_object_options(st)?;
+    Ok((secret, tls))
+}
+
+/// `[storage.standby]` and the failover timers: the standby as settings of its own (see
+/// [`Settings::standby`]), or `None` when there is none.
+fn validate_standby(settings: &Settings) -> Result<Option<Arc<Settings>>, ConfigError> {
+    let st = &settings.config.storage;
+    check_secs("storage.failover_after_secs", st.failover_after_secs, 0.1, 30.0 * 86400.0)?;
+    check_secs("storage.probe_secs", st.probe_secs, 0.1, 86400.0)?;
+    let Some(sb) = &st.standby else {
+        return Ok(None);
+    };
+    let rename = |e: ConfigError| ConfigError {
+        key: e.key.replacen("storage.", "storage.standby.", 1),
+        message: e.message,
+    };
+    if sb.access_key_secret.is_empty() && sb.access_key_secret_file.is_none() {
+        // The systemd credential is the primary's.
+        return Err(ConfigError::new(
+            "storage.standby.access_key_secret",
+            "is required (or access_key_secret_file)",
+        ));
+    }
+    let storage = sb.as_storage(st);
+    let (secret, tls) = validate_store(&storage).map_err(rename)?;
+    let same_host = |a: &str, b: &str| {
+        let norm = |u: &str| {
+            url::Url::parse(u)
+                .ok()
+                .map(|u| (u.host_str().map(str::to_ascii_lowercase), u.port_or_known_default()))
+        };
+        norm(a) == norm(b)
+    };
+    if same_host(&storage.endpoint, &st.endpoint) && storage.bucket == st.bucket {
+        return Err(ConfigError::new(
+            "storage.standby",
+            format!(
+                "is the primary store again (endpoint {} and bucket {:?}); a standby must be \
+                 another bucket or another endpoint",
+                storage.endpoint, storage.bucket
+            ),
+        ));
+    }
+    if let Some(u) = &sb.public_base_url {
+        check_http_url("storage.standby.public_base_url", u)?;
+    }
+    let mut config = settings.config.clone();
+    config.storage = storage;
+    if let Some(style) = sb.presign_style {
+        config.lookup.presign_style = style;
+    }
+    if sb.public_base_url.is_some() {
+        config.lookup.public_base_url = sb.public_base_url.clone();
+    }
+    if let Some(k) = &sb.cdn_auth_key {
+        config.lookup.cdn_auth_key = k.clone();
+    }
+    if config.lookup.presign_style == PresignStyle::CdnA
+        && (config.lookup.public_base_url.is_none() || config.lookup.cdn_auth_key.is_empty())
+    {
+        return Err(ConfigError::new(
+            "storage.standby.presign_style",
+            "\"cdn-a\" needs public_base_url and cdn_auth_key (in [storage.standby] or [lookup])",
+        ));
+    }
+    let media = MediaTypes::new(&config.storage.content_types);
+    Ok(Some(Arc::new(Settings {
+        config,
+        secret,
+        tls,
+        media,
+        standby: None,
+        ..settings.clone()
+    })))
 }
 
 fn check_http_url(key: &str, u: &str) -> Result<url::Url, ConfigError> {

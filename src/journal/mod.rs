@@ -44,6 +44,8 @@
 //! - `writer`: [`Journal`], the writer thread and the daemon's read pool.
 //! - `rows`: [`State`], [`FileRow`] and the queries that read rows.
 //! - `transitions`: every write of the state machine.
+//! - `stores`: which store holds a row's object (primary or standby), uploads abandoned on a
+//!   store, and the moves of copy-back.
 //! - `status`: figures for `status`, `STATUS=` and the metrics.
 //! - `reader`: look-ups' shared read snapshots, the stored-row scan and the `unstored` log
 //!   the look-up index follows.
@@ -52,12 +54,14 @@ mod reader;
 mod rows;
 mod schema;
 mod status;
+mod stores;
 mod transitions;
 mod writer;
 
 pub use reader::*;
 pub use rows::*;
 pub use schema::UNSTORED_LOG_KEPT;
+pub use stores::*;
 pub use status::*;
 pub use transitions::*;
 pub use writer::Journal;

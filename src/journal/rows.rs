@@ -88,6 +88,39 @@ impl std::fmt::Display for State {
     }
 }
 
+/// Which store holds an object (`files.store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreId {
+    #[default]
+    Primary,
+    Standby,
+}
+
+impl StoreId {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreId::Primary => "primary",
+            StoreId::Standby => "standby",
+        }
+    }
+
+    /// Anything but "standby" is the primary (the column's default).
+    pub fn parse(s: &str) -> StoreId {
+        if s == "standby" {
+            StoreId::Standby
+        } else {
+            StoreId::Primary
+        }
+    }
+}
+
+impl std::fmt::Display for StoreId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One row of `files`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FileRow {
@@ -103,6 +136,8 @@ pub struct FileRow {
     /// The whole file's CRC-64/XZ (OSS's `x-oss-hash-crc64ecma`), once stored.
     pub crc64: Option<u64>,
     pub upload_id: Option<String>,
+    /// The store that holds the object, or that the upload in progress goes to.
+    pub store: StoreId,
     pub upload_generation: Option<i64>,
     pub part_size: Option<u64>,
     pub bytes_sent: u64,
@@ -123,7 +158,7 @@ fn ser_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
 
 pub(super) const COLUMNS: &str = "id, path, key, state, generation, dev, ino, size, mtime_ns, md5, upload_id, \
      upload_generation, part_size, bytes_sent, attempts, next_attempt_ms, last_error, last_error_ms, \
-     discovered_ms, queued_ms, uploaded_ms, deleted_ms, updated_ms, crc64";
+     discovered_ms, queued_ms, uploaded_ms, deleted_ms, updated_ms, crc64, store";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<FileRow> {
     let path: Vec<u8> = r.get(1)?;
@@ -173,6 +208,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<FileRow> {
         crc64: r
             .get::<_, Option<String>>(23)?
             .and_then(|v| v.parse::<u64>().ok()),
+        store: StoreId::parse(&r.get::<_, String>(24)?),
     })
 }
 

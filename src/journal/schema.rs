@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use super::JournalError;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 4;
+pub const VERSION: i64 = 5;
 
 /// Entries the `unstored` log keeps (the triggers of schema 3 trim it to this many).
 pub const UNSTORED_LOG_KEPT: i64 = 10_000;
@@ -89,6 +89,30 @@ const MIGRATIONS: &[&str] = &[
     // the same pass as the MD5s and compared with the store's where it sends one.
     r#"
     ALTER TABLE files ADD COLUMN crc64 TEXT;
+    "#,
+    // 5: the store that holds a row's object, or the one its upload in progress goes to
+    // ('primary' | 'standby'); multipart uploads left open on a store the uploads moved away
+    // from, aborted once that store answers again; and the `unstored` trigger also fires when
+    // a stored row changes store (so the look-up index re-reads it).
+    r#"
+    ALTER TABLE files ADD COLUMN store TEXT NOT NULL DEFAULT 'primary';
+    CREATE TABLE abandoned_uploads (
+        store     TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        upload_id TEXT NOT NULL,
+        since_ms  INTEGER NOT NULL,
+        PRIMARY KEY (store, upload_id)
+    ) WITHOUT ROWID;
+    DROP TRIGGER files_unstored_update;
+    CREATE TRIGGER files_unstored_update AFTER UPDATE OF state, path, key, size, md5, store ON files
+    WHEN old.state IN ('uploaded', 'deleted')
+     AND (new.state NOT IN ('uploaded', 'deleted') OR new.path IS NOT old.path
+          OR new.key IS NOT old.key OR new.size IS NOT old.size OR new.md5 IS NOT old.md5
+          OR new.store IS NOT old.store)
+    BEGIN
+        INSERT INTO unstored (path) VALUES (old.path);
+        DELETE FROM unstored WHERE seq <= (SELECT MAX(seq) FROM unstored) - 10000;
+    END;
     "#,
 ];
 

@@ -72,6 +72,7 @@ struct Metrics {
     disk_size: IntGauge,
     heartbeat_age: prometheus::GaugeVec,
     healthy: IntGauge,
+    failed_over: IntGauge,
 }
 
 impl Metrics {
@@ -145,6 +146,10 @@ impl Metrics {
             "healthy",
             "1 while every stage makes progress (what /healthz and the watchdog check).",
         )?;
+        let failed_over = IntGauge::new(
+            "failed_over",
+            "1 while uploads go to the standby store because the primary fails.",
+        )?;
         for st in State::ALL {
             files.with_label_values(&[st.as_str()]).set(0);
         }
@@ -166,6 +171,7 @@ impl Metrics {
         registry.register(Box::new(disk_size.clone()))?;
         registry.register(Box::new(heartbeat_age.clone()))?;
         registry.register(Box::new(healthy.clone()))?;
+        registry.register(Box::new(failed_over.clone()))?;
         Ok(Metrics {
             registry,
             files,
@@ -183,6 +189,7 @@ impl Metrics {
             disk_size,
             heartbeat_age,
             healthy,
+            failed_over,
         })
     }
 }
@@ -243,6 +250,11 @@ pub fn upload_complete(bytes: u64, elapsed: Duration) {
         m.uploaded_bytes.inc_by(bytes);
         m.upload_duration.observe(elapsed.as_secs_f64());
     });
+}
+
+/// Whether uploads go to the standby store.
+pub fn set_failed_over(on: bool) {
+    with(|m| m.failed_over.set(i64::from(on)));
 }
 
 /// A request or attempt that will be retried.

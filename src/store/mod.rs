@@ -364,6 +364,19 @@ impl Store {
         Ok(parts)
     }
 
+    /// HeadBucket: the cheap request that tells whether the store answers (probing a failed
+    /// primary).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let req = self.client.head_bucket().bucket(&self.bucket);
+        self.timed("HeadBucket", 0, async {
+            req.send()
+                .await
+                .map(|_| ())
+                .map_err(|e| from_sdk("HeadBucket", e))
+        })
+        .await
+    }
+
     /// HEAD of an object: `None` when it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let req = self.client.head_object().bucket(&self.bucket).key(key);

@@ -22,7 +22,6 @@ impl Uploader {
         if let Some(refused) = self.take_current_key(row).await? {
             return Ok(refused);
         }
-        let row: &FileRow = row;
         if row.key.is_empty() {
             // Recorded without a usable key (see the row's error): nothing to upload to.
             return Ok(Outcome::Failed(
@@ -31,6 +30,8 @@ impl Uploader {
                     .unwrap_or_else(|| "no object key for this file".to_string()),
             ));
         }
+        self.take_target_store(row).await?;
+        let row: &FileRow = row;
         let rel = row.path.clone();
         let opened = {
             let root = self.root.clone();
@@ -118,6 +119,34 @@ impl Uploader {
         Ok(Outcome::Done)
     }
 
+    /// An attempt goes to the store uploads go to now ([`super::Failover`]). A row whose upload
+    /// was on the other store starts over: its open multipart upload there is recorded as
+    /// abandoned (aborted once that store answers) and forgotten, in one transaction.
+    async fn take_target_store(&self, row: &mut FileRow) -> Result<(), TaskError> {
+        let target = self.failover.target();
+        if row.store == target {
+            return Ok(());
+        }
+        let (id, generation) = (row.id, row.generation);
+        let moved = self
+            .journal
+            .write(Durability::Normal, move |c| {
+                journal::set_upload_store(c, id, generation, target)
+            })
+            .await?;
+        if !moved {
+            return Err(TaskError::Journal(JournalError::Invalid(
+                "stale set_upload_store".into(),
+            )));
+        }
+        info!(from = %row.store, to = %target, "the file's upload starts over on the other store");
+        row.store = target;
+        row.upload_id = None;
+        row.upload_generation = None;
+        row.bytes_sent = 0;
+        Ok(())
+    }
+
     /// A failed row being tried again takes the key its path renders to now: one recorded
     /// without a key (it collided, or the template could not render it) or under a template
     /// changed since is mended here, as `record-offload retry` mends it. `Some(outcome)` when
@@ -174,7 +203,7 @@ impl Uploader {
     ) -> Result<Option<Outcome>, TaskError> {
         let mut backoff = self.backoff();
         loop {
-            match self.store.head(&row.key).await {
+            match self.store_of(row.store).head(&row.key).await {
                 Ok(Some(info))
                     if info.size == identity.size && info.crc64.is_some_and(|c| c != crc64) =>
                 {

@@ -43,8 +43,10 @@
 //! - `file`: one file's steps, from opening it to handing it to the deleter.
 //! - `small`: files of one part, a single PutObject.
 //! - `multipart`: larger files: resume, parts, completion.
+//! - `failover`: the primary/standby tracker, the probe, abandoned uploads.
 //! - `hash`: reading and hashing (MD5s on the hashing thread, CRC-64 alongside).
 
+mod failover;
 mod file;
 mod hash;
 mod multipart;
@@ -61,6 +63,8 @@ use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+pub use failover::Failover;
 
 use super::UploadStats;
 use super::delete::DeleteJob;
@@ -137,6 +141,9 @@ enum TaskError {
     Gone,
     Io(String),
     Interrupted,
+    /// Failed over (or back) while this attempt waited to retry its store: start over on the
+    /// other one at once.
+    Moved,
 }
 
 impl From<JournalError> for TaskError {
@@ -154,7 +161,11 @@ impl From<StoreError> for TaskError {
 /// Everything the upload side shares.
 pub struct Uploader {
     pub settings: Arc<Settings>,
+    /// The primary store.
     pub store: Store,
+    /// `[storage.standby]`, if configured.
+    pub standby: Option<Store>,
+    pub failover: Arc<Failover>,
     pub journal: Journal,
     pub root: Arc<Root>,
     /// Requests that carry data in flight.
@@ -188,9 +199,16 @@ impl Uploader {
         let prepared = Arc::new(Semaphore::new(2 * settings.config.upload.concurrency));
         let limit = Bandwidth::new(settings.config.upload.max_bytes_per_sec).map(Arc::new);
         let windows = settings.windows.clone();
+        let standby = settings.standby.as_deref().map(Store::new);
+        let failover = Arc::new(Failover::new(
+            standby.is_some(),
+            Duration::from_secs_f64(settings.config.storage.failover_after_secs),
+        ));
         Arc::new(Uploader {
             settings,
             store,
+            standby,
+            failover,
             journal,
             root,
             permits,
@@ -221,7 +239,10 @@ impl Uploader {
     /// by the bucket's lifecycle rule).
     async fn abort_recorded_upload(&self, row: &FileRow) {
         if let Some(upload_id) = &row.upload_id
-            && let Err(e) = self.store.abort_multipart(&row.key, upload_id).await
+            && let Err(e) = self
+                .store_of(row.store)
+                .abort_multipart(&row.key, upload_id)
+                .await
         {
             warn!(error = %e, "cannot abort the multipart upload");
         }
@@ -257,6 +278,10 @@ impl Uploader {
     ) -> Result<(), TaskError> {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         crate::service::metrics::upload_retry(&crate::service::metrics::store_reason(err));
+        self.failover.failed(row.store, err);
+        if self.failover.target() != row.store {
+            return Err(TaskError::Moved);
+        }
         let delay = backoff.next_delay();
         debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "request failed; retrying");
         let (id, generation) = (row.id, row.generation);
@@ -269,9 +294,13 @@ impl Uploader {
             })
             .await?;
         tokio::select! {
-            _ = cancel.cancelled() => Err(TaskError::Interrupted),
-            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = cancel.cancelled() => return Err(TaskError::Interrupted),
+            _ = tokio::time::sleep(delay) => {}
         }
+        if self.failover.target() != row.store {
+            return Err(TaskError::Moved);
+        }
+        Ok(())
     }
 
     /// Fails with `Changed` or `Gone` when the file at the path is no longer `expect`.

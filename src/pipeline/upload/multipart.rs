@@ -94,7 +94,7 @@ impl Uploader {
                     return Err(TaskError::Store(e));
                 }
                 warn!(upload_id = %resumed, error = %e, "the store refuses the resumed upload; starting a new one");
-                if let Err(e) = self.store.abort_multipart(&row.key, &resumed).await {
+                if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, &resumed).await {
                     debug!(error = %e, "abort of the refused upload failed");
                 }
                 self.forget_upload(row).await?;
@@ -142,7 +142,7 @@ impl Uploader {
             None => {
                 if let Some(uid) = &row.upload_id {
                     // Part size changed (configuration): that upload cannot go on.
-                    if let Err(e) = self.store.abort_multipart(&row.key, uid).await {
+                    if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, uid).await {
                         warn!(error = %e, "cannot abort the old multipart upload");
                     }
                 }
@@ -201,7 +201,7 @@ impl Uploader {
                 .await?
         };
         let listed = loop {
-            match self.store.list_parts(&row.key, uid).await {
+            match self.store_of(row.store).list_parts(&row.key, uid).await {
                 Ok(l) => break Listing::Parts(l),
                 Err(e) if e.kind == ErrorKind::NoSuchUpload || e.status == Some(404) => {
                     break Listing::Gone;
@@ -247,7 +247,7 @@ impl Uploader {
             }
             Listing::Gone => {
                 info!(upload_id = %uid, "multipart upload is gone; starting again");
-                if let Err(e) = self.store.abort_multipart(&row.key, uid).await {
+                if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, uid).await {
                     debug!(error = %e, "abort of a vanished upload failed");
                 }
                 self.forget_upload(row).await?;
@@ -272,7 +272,7 @@ impl Uploader {
         let uid = loop {
             let meta = [(SOURCE_META, source_tag(generation, identity))];
             match self
-                .store
+                .store_of(row.store)
                 .create_multipart(&row.key, &row.path, &meta)
                 .await
             {
@@ -290,7 +290,7 @@ impl Uploader {
             })
             .await;
         if let Err(e) = res {
-            let _ = self.store.abort_multipart(&row.key, &uid).await;
+            let _ = self.store_of(row.store).abort_multipart(&row.key, &uid).await;
             return Err(e.into());
         }
         Ok(uid)
@@ -404,7 +404,7 @@ impl Uploader {
             };
             let res = tokio::select! {
                 _ = cancel.cancelled() => return Err(TaskError::Interrupted),
-                r = self.store.upload_part(&row.key, &upload.upload_id, part.number, body, &part.md5) => r,
+                r = self.store_of(row.store).upload_part(&row.key, &upload.upload_id, part.number, body, &part.md5) => r,
             };
             drop(held);
             match res {
@@ -454,7 +454,7 @@ impl Uploader {
         let (row, identity, upload_id) = (&upload.row, &upload.identity, &upload.upload_id);
         loop {
             match self
-                .store
+                .store_of(row.store)
                 .complete_multipart(&row.key, upload_id, parts)
                 .await
             {
@@ -481,7 +481,7 @@ impl Uploader {
                 Err(e) if e.kind == ErrorKind::RestartUpload => {
                     // The store will not join these parts: that upload is of no more use.
                     warn!(upload_id = %upload_id, error = %e, "the store refuses to complete the upload; starting a new one");
-                    if let Err(e) = self.store.abort_multipart(&row.key, upload_id).await {
+                    if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, upload_id).await {
                         warn!(error = %e, "cannot abort the refused upload");
                     }
                     self.forget_upload(row).await?;
@@ -529,7 +529,7 @@ impl Uploader {
     ) -> Result<Option<store::ObjectInfo>, TaskError> {
         let tag = source_tag(row.generation, identity);
         loop {
-            match self.store.head(&row.key).await {
+            match self.store_of(row.store).head(&row.key).await {
                 Ok(Some(info)) => {
                     let ours =
                         info.size == identity.size && info.metadata.get(SOURCE_META) == Some(&tag);
@@ -556,7 +556,7 @@ impl Uploader {
             self.forget_upload(row).await?;
             return Err(e.into());
         }
-        if let Err(e) = self.store.abort_multipart(&row.key, upload_id).await {
+        if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, upload_id).await {
             debug!(error = %e, "abort after an accepted completion failed");
         }
         Ok(())

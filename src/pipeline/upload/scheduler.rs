@@ -26,7 +26,7 @@ fn metrics_reason(r: &Result<Outcome, TaskError>) -> String {
         Err(TaskError::Io(_)) => "io".into(),
         Err(TaskError::Changed) => "changed".into(),
         Err(TaskError::Gone) => "gone".into(),
-        Err(TaskError::Interrupted) => String::new(),
+        Err(TaskError::Interrupted | TaskError::Moved) => String::new(),
     }
 }
 
@@ -136,10 +136,16 @@ impl Uploader {
         async {
             let mut row = row;
             let result = self.upload_file(&mut row, &cancel).await;
+            match &result {
+                Ok(Outcome::Done) => self.failover.succeeded(row.store),
+                Err(TaskError::Store(e)) => self.failover.failed(row.store, e),
+                _ => {}
+            }
             let reason = metrics_reason(&result);
             let outcome = match result {
                 Ok(o) => o,
                 Err(TaskError::Interrupted) => Outcome::Interrupted,
+                Err(TaskError::Moved) => Outcome::Retry(String::new()),
                 Err(TaskError::Changed) => match self.mark_changed(&row).await {
                     Ok(()) => Outcome::Handled,
                     Err(e) => Outcome::Retry(e.to_string()),
@@ -176,6 +182,21 @@ impl Uploader {
                     {
                         warn!(error = %e, "cannot record the failure");
                     }
+                }
+                Outcome::Retry(err) if err.is_empty() => {
+                    // Failed over or back: start over on the other store at once.
+                    let res = self
+                        .journal
+                        .write(Durability::Normal, move |c| {
+                            journal::set_retry(c, id, generation, "moved to the other store", now)
+                        })
+                        .await;
+                    if let Err(e) = res
+                        && !journal::is_stale(&e)
+                    {
+                        warn!(error = %e, "cannot record the move");
+                    }
+                    self.wake.notify_one();
                 }
                 Outcome::Retry(err) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);

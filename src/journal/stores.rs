@@ -1,0 +1,131 @@
+//! Which store holds each object (`files.store`, schema 5): the primary, or the standby the
+//! uploads moved to while the primary was failing; multipart uploads abandoned on a store the
+//! uploads moved away from; and copy-back's moves from the standby to the primary.
+
+use rusqlite::{Connection, params};
+
+use super::JournalError;
+use super::rows::{COLUMNS, FileRow, StoreId, from_row, now_ms};
+
+/// Points an unstored row's upload at `store`. A multipart upload it had open on its former
+/// store is recorded in `abandoned_uploads` (aborted once that store answers again, see
+/// [`abandoned_uploads`]) and forgotten by the row, in the same transaction: never left open
+/// unrecorded. Stale (`Ok(false)`) when the row moved on.
+pub fn set_upload_store(
+    conn: &Connection,
+    id: i64,
+    generation: i64,
+    store: StoreId,
+) -> Result<bool, JournalError> {
+    let row: Option<(String, String, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT store, key, upload_id FROM files
+             WHERE id = ?1 AND generation = ?2 AND state NOT IN ('uploaded', 'deleted')",
+        )?
+        .query_row(params![id, generation], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    let Some((old, key, upload_id)) = row else {
+        return Ok(false);
+    };
+    if let Some(uid) = upload_id {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO abandoned_uploads (store, key, upload_id, since_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![old, key, uid, now_ms()])?;
+    }
+    conn.prepare_cached(
+        "UPDATE files SET store = ?2, upload_id = NULL, upload_generation = NULL,
+             bytes_sent = 0
+         WHERE id = ?1",
+    )?
+    .execute(params![id, store.as_str()])?;
+    conn.prepare_cached("DELETE FROM parts WHERE file_id = ?1")?
+        .execute([id])?;
+    Ok(true)
+}
+
+/// Multipart uploads abandoned on `store`: `(key, upload_id)`.
+pub fn abandoned_uploads(
+    conn: &Connection,
+    store: StoreId,
+) -> Result<Vec<(String, String)>, JournalError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, upload_id FROM abandoned_uploads WHERE store = ?1 ORDER BY since_ms",
+    )?;
+    let rows = stmt
+        .query_map([store.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// An abandoned upload was aborted (or the store no longer knows it).
+pub fn forget_abandoned(
+    conn: &Connection,
+    store: StoreId,
+    upload_id: &str,
+) -> Result<(), JournalError> {
+    conn.prepare_cached("DELETE FROM abandoned_uploads WHERE store = ?1 AND upload_id = ?2")?
+        .execute(params![store.as_str(), upload_id])?;
+    Ok(())
+}
+
+/// Stored rows whose object is on `store`, oldest first, at most `limit`.
+pub fn stored_on(
+    conn: &Connection,
+    store: StoreId,
+    limit: usize,
+) -> Result<Vec<FileRow>, JournalError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM files
+         WHERE state IN ('uploaded', 'deleted') AND store = ?1 ORDER BY id LIMIT ?2"
+    ))?;
+    let rows = stmt
+        .query_map(params![store.as_str(), limit as i64], from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Counts of stored rows per store: `(primary, standby)`.
+pub fn stored_per_store(conn: &Connection) -> Result<(u64, u64), JournalError> {
+    let (p, s): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(SUM(store != 'standby'), 0), COALESCE(SUM(store = 'standby'), 0)
+         FROM files WHERE state IN ('uploaded', 'deleted')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((p.max(0) as u64, s.max(0) as u64))
+}
+
+/// Copy-back moved a stored object: the row points at `to` now, if it is still the stored
+/// row copy-back read (same generation, same key and MD5, still on `from`). `Ok(false)`: it
+/// changed meanwhile, nothing was written.
+pub fn move_stored(
+    conn: &Connection,
+    row: &FileRow,
+    from: StoreId,
+    to: StoreId,
+) -> Result<bool, JournalError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE files SET store = ?5, updated_ms = ?6
+             WHERE id = ?1 AND generation = ?2 AND key = ?3 AND md5 IS ?4 AND store = ?7
+               AND state IN ('uploaded', 'deleted')",
+        )?
+        .execute(params![
+            row.id,
+            row.generation,
+            row.key,
+            row.md5,
+            to.as_str(),
+            now_ms(),
+            from.as_str()
+        ])?;
+    Ok(n == 1)
+}
