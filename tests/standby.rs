@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::harness::*;
+use common::http::{http, tcp_addr};
 use common::proxy::{Fault, FaultProxy};
 use record_offload::config::{Settings, StandbyConfig};
 use record_offload::devserver::{ACCESS_KEY, DevOptions, DevServer, SECRET_KEY};
@@ -55,9 +56,36 @@ fn config(env: &Env, primary: &FaultProxy, sb: &Standby) -> Settings {
     })
 }
 
+/// Plays `rel` as a player would: its legacy URL on the look-up server, then the presigned
+/// URL it redirects to. Returns the store `resolve` names and the bytes played.
+async fn play(d: &record_offload::daemon::Daemon, rel: &str) -> (String, Vec<u8>) {
+    let addr = tcp_addr(d);
+    let j = http(
+        "GET",
+        &format!(
+            "http://{addr}/v1/resolve?path=%2Frecord%2F{}",
+            rel.replace('/', "%2F")
+        ),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(j["state"], "uploaded", "{rel}: {j}");
+    let legacy = http("GET", &format!("http://{addr}/record/{rel}"), &[]).await;
+    assert_eq!(legacy.status, 302, "{rel}");
+    let location = legacy.header("location").unwrap().to_string();
+    let got = http("GET", &location, &[]).await;
+    assert_eq!(got.status, 200, "{rel}: {location}");
+    (j["store"].as_str().unwrap().to_string(), got.body)
+}
+
 /// What the store behind `settings` (primary or standby) holds under `key`: its size.
 async fn size_on(settings: &Settings, key: &str) -> Option<u64> {
-    Store::new(settings).head(key).await.unwrap().map(|i| i.size)
+    Store::new(settings)
+        .head(key)
+        .await
+        .unwrap()
+        .map(|i| i.size)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +112,15 @@ async fn failover_to_the_standby_and_back() {
             size_on(&standby_settings, &env.key(rel)).await,
             Some(data.len() as u64)
         );
-        assert_eq!(size_on(&direct, &env.key(rel)).await, None, "{rel} on the primary");
+        assert_eq!(
+            size_on(&direct, &env.key(rel)).await,
+            None,
+            "{rel} on the primary"
+        );
+        // Its legacy URL plays from the standby.
+        let (store, played) = play(&d, rel).await;
+        assert_eq!(store, "standby");
+        assert!(played == *data, "{rel} plays its bytes");
     }
     assert!(d.uploader.failover.is_active());
 
@@ -101,7 +137,15 @@ async fn failover_to_the_standby_and_back() {
     );
     // The standby's objects stay where they are (copy-back is off).
     assert_eq!(env.row("down/a.mp4").unwrap().store, StoreId::Standby);
-    assert!(sb.server.requests().iter().all(|r| r.method != "DELETE" || r.has_param("uploadId")));
+    // Every legacy URL plays, each from the store that holds it.
+    assert_eq!(play(&d, "down/a.mp4").await, ("standby".to_string(), small));
+    assert_eq!(play(&d, "up/c.mp4").await, ("primary".to_string(), after));
+    assert!(
+        sb.server
+            .requests()
+            .iter()
+            .all(|r| r.method != "DELETE" || r.has_param("uploadId"))
+    );
     d.shutdown();
     d.wait().await;
 }
@@ -130,8 +174,8 @@ async fn permanent_refusals_never_fail_over() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!d.uploader.failover.is_active());
     assert_eq!(env.row("a.mp4").unwrap().store, StoreId::Primary);
-    assert_eq!(size_on(&standby_settings, &env.key("a.mp4")).await, None);
     assert_eq!(sb.proxy.stats().requests, 0, "nothing went to the standby");
+    assert_eq!(size_on(&standby_settings, &env.key("a.mp4")).await, None);
     d.shutdown();
     d.wait().await;
 }

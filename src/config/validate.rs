@@ -337,7 +337,12 @@ fn validate_store(st: &StorageConfig) -> Result<(String, Option<TlsContext>), Co
 /// [`Settings::standby`]), or `None` when there is none.
 fn validate_standby(settings: &Settings) -> Result<Option<Arc<Settings>>, ConfigError> {
     let st = &settings.config.storage;
-    check_secs("storage.failover_after_secs", st.failover_after_secs, 0.1, 30.0 * 86400.0)?;
+    check_secs(
+        "storage.failover_after_secs",
+        st.failover_after_secs,
+        0.1,
+        30.0 * 86400.0,
+    )?;
     check_secs("storage.probe_secs", st.probe_secs, 0.1, 86400.0)?;
     let Some(sb) = &st.standby else {
         return Ok(None);
@@ -357,9 +362,12 @@ fn validate_standby(settings: &Settings) -> Result<Option<Arc<Settings>>, Config
     let (secret, tls) = validate_store(&storage).map_err(rename)?;
     let same_host = |a: &str, b: &str| {
         let norm = |u: &str| {
-            url::Url::parse(u)
-                .ok()
-                .map(|u| (u.host_str().map(str::to_ascii_lowercase), u.port_or_known_default()))
+            url::Url::parse(u).ok().map(|u| {
+                (
+                    u.host_str().map(str::to_ascii_lowercase),
+                    u.port_or_known_default(),
+                )
+            })
         };
         norm(a) == norm(b)
     };

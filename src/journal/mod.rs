@@ -61,8 +61,8 @@ mod writer;
 pub use reader::*;
 pub use rows::*;
 pub use schema::UNSTORED_LOG_KEPT;
-pub use stores::*;
 pub use status::*;
+pub use stores::*;
 pub use transitions::*;
 pub use writer::Journal;
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{JournalError, State, open_ro};
+use super::{JournalError, State, StoreId, open_ro};
 
 /// Read connections kept for reuse.
 const MAX_POOLED: usize = 16;
@@ -41,6 +41,8 @@ pub struct Row {
     pub md5: Option<String>,
     pub bytes_sent: u64,
     pub mtime_ns: Option<i64>,
+    /// The store that holds the object (or that its upload goes to).
+    pub store: StoreId,
 }
 
 /// What a look-up found.
@@ -210,7 +212,9 @@ impl<C: SnapshotCache> LookupReader<C> {
         };
         let out = query_row(conn, rel);
         match &out {
-            Ok(Some(row)) if row.state.is_stored() => {
+            // The cache holds objects on the primary only: a row on the standby is read from
+            // the journal each time (few rows, and only while failed over or copying back).
+            Ok(Some(row)) if row.state.is_stored() && row.store == StoreId::Primary => {
                 if let Some(cache) = &mut shared.cache {
                     cache.learn(StoredRow {
                         path: rel.as_os_str().as_bytes(),
@@ -288,7 +292,7 @@ fn map_pages(conn: &Connection) {
 
 fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT state, key, size, md5, bytes_sent, mtime_ns FROM files WHERE path = ?1",
+        "SELECT state, key, size, md5, bytes_sent, mtime_ns, store FROM files WHERE path = ?1",
     )?;
     let row = stmt
         .query_row([rel.as_os_str().as_bytes()], |r| {
@@ -300,10 +304,11 @@ fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError>
                 r.get::<_, Option<String>>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, Option<i64>>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })
         .optional()?;
-    let Some((state, key, size, md5, bytes_sent, mtime_ns)) = row else {
+    let Some((state, key, size, md5, bytes_sent, mtime_ns, store)) = row else {
         return Ok(None);
     };
     let state = State::parse(&state)
@@ -315,6 +320,7 @@ fn query_row(conn: &Connection, rel: &Path) -> Result<Option<Row>, JournalError>
         md5,
         bytes_sent: bytes_sent.max(0) as u64,
         mtime_ns,
+        store: StoreId::parse(&store),
     }))
 }
 
@@ -332,7 +338,7 @@ pub struct StoredScan {
     pub rows: u64,
 }
 
-/// Scans the rows in a stored state (`uploaded`, `deleted`) in one snapshot of its own:
+/// Scans the rows in a stored state (`uploaded`, `deleted`) on the primary store in one snapshot of its own:
 /// `start` sees where the scan begins and makes the accumulator, `row` takes each stored row
 /// until it breaks. A row with a damaged size (negative) is skipped.
 pub fn scan_stored<T>(
@@ -347,7 +353,7 @@ pub fn scan_stored<T>(
         r.get(0)
     })?;
     let stored: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM files WHERE state IN ('uploaded', 'deleted')",
+        "SELECT COUNT(*) FROM files WHERE state IN ('uploaded', 'deleted') AND store != 'standby'",
         [],
         |r| r.get(0),
     )?;
@@ -360,7 +366,7 @@ pub fn scan_stored<T>(
         // the table at random.
         let mut stmt = conn.prepare(
             "SELECT path, key, size, md5 FROM files NOT INDEXED
-             WHERE state IN ('uploaded', 'deleted')",
+             WHERE state IN ('uploaded', 'deleted') AND store != 'standby'",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {

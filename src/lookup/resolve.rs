@@ -46,7 +46,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 
 use crate::config::{ListenAddr, Settings};
-use crate::journal::{Found, JournalError, LookupReader, State};
+use crate::journal::{Found, JournalError, LookupReader, State, StoreId};
 use crate::lookup::index::{KeyRule, LookupIndex};
 use crate::lookup::legacy::{BadPath, parse_legacy};
 use crate::lookup::sign::SignError;
@@ -140,6 +140,8 @@ pub struct Stored {
     /// The file's mtime (Unix seconds) when the answer came from a journal row (HEAD answers
     /// read the row for it); `None` from the index or a remote check.
     pub modified_unix: Option<i64>,
+    /// The store that holds it (the URL is signed for it).
+    pub store: StoreId,
 }
 
 /// The file is only on this host's disk, opened and ready to be served.
@@ -222,7 +224,9 @@ fn stored_json(s: &Stored) -> Vec<u8> {
         Some(m) => json_str(&mut out, m),
         None => out.extend_from_slice(b"null"),
     }
-    out.push(b'}');
+    out.extend_from_slice(br#","store":""#);
+    out.extend_from_slice(s.store.as_str().as_bytes());
+    out.extend_from_slice(b"\"}");
     out
 }
 
@@ -249,6 +253,7 @@ struct StoredJson<'a> {
     key: &'a str,
     size: u64,
     md5: Option<&'a str>,
+    store: &'static str,
 }
 
 #[derive(Serialize)]
@@ -317,6 +322,8 @@ pub struct Resolver {
     root: Root,
     journal: LookupReader<LookupIndex>,
     signer: Signer,
+    /// Signs for objects on `[storage.standby]`, with its own signing settings.
+    standby_signer: Option<Signer>,
     /// Base of this agent's URLs (`http://10.1.2.3:8090`), no trailing `/`.
     public_url: String,
     nodes: Vec<Node>,
@@ -372,6 +379,10 @@ impl Resolver {
         })?;
         let journal = LookupReader::new(&cfg.journal.path)?;
         let signer = Signer::new(settings)?;
+        let standby_signer = match settings.standby.as_deref() {
+            Some(sb) => Some(Signer::new(sb)?),
+            None => None,
+        };
         let mut nodes = Vec::new();
         let mut hosts = HashMap::new();
         for n in &settings.other_nodes {
@@ -398,6 +409,7 @@ impl Resolver {
             root,
             journal,
             signer,
+            standby_signer,
             public_url,
             nodes,
             hosts,
@@ -408,6 +420,14 @@ impl Resolver {
                 entries: Mutex::new(HashMap::new()),
             },
         })
+    }
+
+    /// The signer for objects on `store`.
+    fn signer_of(&self, store: StoreId) -> &Signer {
+        match (store, &self.standby_signer) {
+            (StoreId::Standby, Some(s)) => s,
+            _ => &self.signer,
+        }
     }
 
     /// `legacy_prefix` as a URL path without a trailing `/` (`""` when it is the root).
@@ -468,6 +488,7 @@ impl Resolver {
                     size,
                     md5,
                     modified_unix: None,
+                    store: StoreId::Primary,
                 }));
             }
         }
@@ -520,16 +541,18 @@ impl Resolver {
                     size: entry.size,
                     md5: Some(hex_md5(&entry.md5)),
                     modified_unix: None,
+                    store: StoreId::Primary,
                 })));
             }
             Some(Found::Row(row)) if row.state.is_stored() => {
-                let signed = self.signer.sign(&row.key, now_unix())?;
+                let signed = self.signer_of(row.store).sign(&row.key, now_unix())?;
                 return Ok(Some(Answer::Stored(Stored {
                     signed,
                     key: row.key,
                     size: row.size,
                     md5: row.md5,
                     modified_unix: row.mtime_ns.map(|ns| ns.div_euclid(1_000_000_000)),
+                    store: row.store,
                 })));
             }
             Some(Found::Row(row)) => Some(row),
@@ -587,6 +610,7 @@ impl Resolver {
                     size,
                     md5,
                     modified_unix: None,
+                    store: StoreId::Primary,
                 }))
             }
             // Not stored yet, or the store cannot say: that node knows.
@@ -1083,6 +1107,7 @@ mod tests {
                     size: 1 << 40,
                     md5,
                     modified_unix: None,
+                    store: StoreId::Primary,
                 };
                 let reference = serde_json::to_vec(&StoredJson {
                     state: "uploaded",
@@ -1091,6 +1116,7 @@ mod tests {
                     key: &s.key,
                     size: s.size,
                     md5: s.md5.as_deref(),
+                    store: s.store.as_str(),
                 })
                 .unwrap();
                 assert_eq!(

@@ -94,7 +94,11 @@ impl Uploader {
                     return Err(TaskError::Store(e));
                 }
                 warn!(upload_id = %resumed, error = %e, "the store refuses the resumed upload; starting a new one");
-                if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, &resumed).await {
+                if let Err(e) = self
+                    .store_of(row.store)
+                    .abort_multipart(&row.key, &resumed)
+                    .await
+                {
                     debug!(error = %e, "abort of the refused upload failed");
                 }
                 self.forget_upload(row).await?;
@@ -142,7 +146,11 @@ impl Uploader {
             None => {
                 if let Some(uid) = &row.upload_id {
                     // Part size changed (configuration): that upload cannot go on.
-                    if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, uid).await {
+                    if let Err(e) = self
+                        .store_of(row.store)
+                        .abort_multipart(&row.key, uid)
+                        .await
+                    {
                         warn!(error = %e, "cannot abort the old multipart upload");
                     }
                 }
@@ -247,7 +255,11 @@ impl Uploader {
             }
             Listing::Gone => {
                 info!(upload_id = %uid, "multipart upload is gone; starting again");
-                if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, uid).await {
+                if let Err(e) = self
+                    .store_of(row.store)
+                    .abort_multipart(&row.key, uid)
+                    .await
+                {
                     debug!(error = %e, "abort of a vanished upload failed");
                 }
                 self.forget_upload(row).await?;
@@ -290,7 +302,10 @@ impl Uploader {
             })
             .await;
         if let Err(e) = res {
-            let _ = self.store_of(row.store).abort_multipart(&row.key, &uid).await;
+            let _ = self
+                .store_of(row.store)
+                .abort_multipart(&row.key, &uid)
+                .await;
             return Err(e.into());
         }
         Ok(uid)
@@ -481,7 +496,11 @@ impl Uploader {
                 Err(e) if e.kind == ErrorKind::RestartUpload => {
                     // The store will not join these parts: that upload is of no more use.
                     warn!(upload_id = %upload_id, error = %e, "the store refuses to complete the upload; starting a new one");
-                    if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, upload_id).await {
+                    if let Err(e) = self
+                        .store_of(row.store)
+                        .abort_multipart(&row.key, upload_id)
+                        .await
+                    {
                         warn!(error = %e, "cannot abort the refused upload");
                     }
                     self.forget_upload(row).await?;
@@ -556,7 +575,11 @@ impl Uploader {
             self.forget_upload(row).await?;
             return Err(e.into());
         }
-        if let Err(e) = self.store_of(row.store).abort_multipart(&row.key, upload_id).await {
+        if let Err(e) = self
+            .store_of(row.store)
+            .abort_multipart(&row.key, upload_id)
+            .await
+        {
             debug!(error = %e, "abort after an accepted completion failed");
         }
         Ok(())
