@@ -27,6 +27,10 @@ pub(super) fn status(
     println!();
     println!("waiting: {}", human_bytes(s.bytes_waiting));
     println!("oldest waiting: {}", human_age(s.oldest_waiting_secs));
+    let (primary, standby) = journal::stored_per_store(conn)?;
+    if standby > 0 || _settings.standby.is_some() {
+        println!("stored on the primary: {primary}, on the standby: {standby}");
+    }
     if !s.last_errors.is_empty() {
         println!("last errors:");
         for e in &s.last_errors {
@@ -51,12 +55,13 @@ pub(super) fn ls(
         );
         return Ok(());
     }
-    println!("{:>6} {:<10} {:>10}  PATH", "ID", "STATE", "SIZE");
+    println!("{:>6} {:<10} {:<8} {:>10}  PATH", "ID", "STATE", "STORE", "SIZE");
     for r in rows {
         println!(
-            "{:>6} {:<10} {:>10}  {}{}",
+            "{:>6} {:<10} {:<8} {:>10}  {}{}",
             r.id,
             r.state.as_str(),
+            r.store.as_str(),
             human_bytes(r.size),
             r.path.display(),
             r.last_error
