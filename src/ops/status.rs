@@ -55,7 +55,10 @@ pub(super) fn ls(
         );
         return Ok(());
     }
-    println!("{:>6} {:<10} {:<8} {:>10}  PATH", "ID", "STATE", "STORE", "SIZE");
+    println!(
+        "{:>6} {:<10} {:<8} {:>10}  PATH",
+        "ID", "STATE", "STORE", "SIZE"
+    );
     for r in rows {
         println!(
             "{:>6} {:<10} {:<8} {:>10}  {}{}",
