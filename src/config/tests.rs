@@ -406,7 +406,7 @@ fn notify_entries_are_checked_and_their_secrets_redacted() {
         ),
         (
             ok("[[notify]]\nurl = \"https://x/y\"\nsecret = \"0123456789abcdef\"\nbogus = 1"),
-            "notify[0].bogus",
+            "notify.0.bogus",
         ),
         (
             ok(&format!("[[notify]]\n{good}\n[[notify]]\n{good}")),

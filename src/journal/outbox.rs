@@ -101,6 +101,8 @@ pub struct OutboxRow {
     pub at_ms: i64,
     pub attempts: i64,
     pub next_ms: i64,
+    /// The document as first sent ([`outbox_set_body`]): every retry sends these bytes.
+    pub body: Option<String>,
 }
 
 /// The oldest undelivered event of a receiver: the only one its worker may send (events go
@@ -109,7 +111,7 @@ pub fn outbox_head(conn: &Connection, endpoint: i64) -> Result<Option<OutboxRow>
     Ok(conn
         .prepare_cached(
             "SELECT seq, endpoint, file_id, event, path, key, size, md5, crc64, error, at_ms,
-                    attempts, next_ms
+                    attempts, next_ms, body
              FROM outbox WHERE endpoint = ?1 ORDER BY seq LIMIT 1",
         )?
         .query_row([endpoint], |r| {
@@ -128,9 +130,23 @@ pub fn outbox_head(conn: &Connection, endpoint: i64) -> Result<Option<OutboxRow>
                 at_ms: r.get(10)?,
                 attempts: r.get(11)?,
                 next_ms: r.get(12)?,
+                body: r.get(13)?,
             })
         })
         .optional()?)
+}
+
+/// Fixes the document of an event before its first attempt, so that retries (also after a
+/// restart with another `lookup.public_url`) send the same bytes. Returns the body in force.
+pub fn outbox_set_body(conn: &Connection, seq: i64, body: &str) -> Result<String, JournalError> {
+    conn.prepare_cached("UPDATE outbox SET body = ?2 WHERE seq = ?1 AND body IS NULL")?
+        .execute(params![seq, body])?;
+    Ok(conn
+        .prepare_cached("SELECT body FROM outbox WHERE seq = ?1")?
+        .query_row([seq], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten()
+        .unwrap_or_else(|| body.to_string()))
 }
 
 /// The receiver answered 2xx: the event is done.
@@ -161,6 +177,20 @@ pub struct Trimmed {
     pub expired: u64,
     /// Beyond `notify_outbox.max_events` (the oldest go first).
     pub full: u64,
+}
+
+/// Whether [`outbox_trim`] would drop anything (a read, so an idle worker does not write).
+pub fn outbox_over_bounds(
+    conn: &Connection,
+    endpoint: i64,
+    max_events: u64,
+    older_than_ms: Option<i64>,
+) -> Result<bool, JournalError> {
+    let (n, oldest): (i64, Option<i64>) = conn
+        .prepare_cached("SELECT COUNT(*), MIN(at_ms) FROM outbox WHERE endpoint = ?1")?
+        .query_row([endpoint], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let expired = matches!((oldest, older_than_ms), (Some(o), Some(b)) if o < b);
+    Ok(expired || n.max(0) as u64 > max_events)
 }
 
 /// Applies the outbox's bounds to one receiver's events.

@@ -115,7 +115,8 @@ const MIGRATIONS: &[&str] = &[
         at_ms      INTEGER NOT NULL,
         attempts   INTEGER NOT NULL DEFAULT 0,
         next_ms    INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT
+        last_error TEXT,
+        body       TEXT                       -- the JSON sent, fixed at the first attempt
     );
     CREATE INDEX outbox_endpoint ON outbox(endpoint, seq);
     INSERT OR IGNORE INTO meta (k, v) VALUES ('outbox_epoch', abs(random() % 4294967296));

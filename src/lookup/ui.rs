@@ -118,7 +118,7 @@ fn param(query: Option<&str>, name: &str) -> Option<Vec<u8>> {
 }
 
 /// Who the request is: `Err` is the refusal to send.
-fn access(state: &AppState, req: &http::request::Parts) -> Result<Option<String>, Response> {
+fn access(state: &AppState, req: &http::request::Parts) -> Result<Option<String>, Box<Response>> {
     let now = now_unix();
     let via = req.extensions.get::<Via>().copied().unwrap_or(Via::Tcp);
     let token = param(req.uri.query(), "s").and_then(|t| String::from_utf8(t).ok());
@@ -130,7 +130,7 @@ fn access(state: &AppState, req: &http::request::Parts) -> Result<Option<String>
     if state.auth.is_some() {
         // A signed request (as for /v1/resolve), or nothing.
         if let Some(refused) = super::routes::check_auth(state, req) {
-            return Err(refused);
+            return Err(Box::new(refused));
         }
         return Ok(Some(state.ui.session(now)));
     }
@@ -141,7 +141,7 @@ fn access(state: &AppState, req: &http::request::Parts) -> Result<Option<String>
 pub(super) async fn page(state: Arc<AppState>, req: &http::request::Parts) -> Response {
     let session = match access(&state, req) {
         Ok(s) => s,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let query = param(req.uri.query(), "q").filter(|q| !q.is_empty());
     let done = param(req.uri.query(), "done").and_then(|d| String::from_utf8(d).ok());

@@ -100,7 +100,9 @@ pub async fn start(
     if params.receivers.is_empty() {
         return Ok(());
     }
-    let client = client();
+    let Some(client) = client() else {
+        return Ok(());
+    };
     let epoch = journal.read(journal::outbox_epoch).await?;
     let params = Arc::new(params);
     for (i, id) in ids.into_iter().enumerate() {
@@ -123,8 +125,9 @@ pub async fn start(
     Ok(())
 }
 
-/// An HTTP(S) client with the system's trusted roots (plain HTTP too).
-fn client() -> HttpsClient {
+/// An HTTP(S) client with the system's trusted roots (plain HTTP too); `None` when TLS cannot
+/// be set up at all.
+fn client() -> Option<HttpsClient> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = match hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_native_roots(provider.clone())
@@ -141,20 +144,18 @@ fn client() -> HttpsClient {
             match config {
                 Ok(c) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(c),
                 Err(e) => {
-                    warn!(error = %e, "cannot set up TLS for notifications");
-                    hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                        rustls::ClientConfig::builder()
-                            .with_root_certificates(rustls::RootCertStore::empty())
-                            .with_no_client_auth(),
-                    )
+                    warn!(error = %e, "cannot set up TLS: notifications wait in the outbox");
+                    return None;
                 }
             }
         }
     };
     let connector = builder.https_or_http().enable_http1().build();
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
+    Some(
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector),
+    )
 }
 
 struct Worker {
@@ -227,6 +228,13 @@ impl Worker {
         let max = ob.max_events;
         let before = (ob.max_age_secs > 0.0).then(|| now_ms() - (ob.max_age_secs * 1000.0) as i64);
         let endpoint = self.endpoint;
+        let over = self
+            .journal
+            .read(move |c| journal::outbox_over_bounds(c, endpoint, max, before))
+            .await;
+        if !matches!(over, Ok(true)) {
+            return;
+        }
         match self
             .journal
             .write(Durability::Normal, move |c| {
@@ -257,15 +265,33 @@ impl Worker {
             return;
         };
         let id = event_id(&self.params.node, self.epoch, row.seq);
-        let body = event_body(
-            &id,
-            &self.params.node,
-            &row,
-            &(self.params.legacy_url)(&row.path),
-        );
+        let seq = row.seq;
+        let body = match &row.body {
+            Some(b) => b.clone(),
+            None => {
+                let b = event_body(
+                    &id,
+                    &self.params.node,
+                    &row,
+                    &(self.params.legacy_url)(&row.path),
+                );
+                match self
+                    .journal
+                    .write(Durability::Normal, move |c| {
+                        journal::outbox_set_body(c, seq, &b)
+                    })
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(receiver = %self.label, error = %e, "cannot record an event's document");
+                        return;
+                    }
+                }
+            }
+        };
         failpoint::hit("notify-before-send");
         let result = send(&self.client, receiver, &id, &row.event, body).await;
-        let seq = row.seq;
         match result {
             Ok(()) => {
                 failpoint::hit("notify-after-send");
@@ -323,8 +349,8 @@ pub fn event_id(node: &str, epoch: i64, seq: i64) -> String {
     format!("{node}-{epoch:08x}-{seq}")
 }
 
-/// The event's JSON document. Built from the outbox row alone, so every retry sends the same
-/// body.
+/// The event's JSON document, built from the outbox row at the first attempt and kept in it
+/// (`body`), so every retry sends the same bytes.
 pub fn event_body(id: &str, node: &str, row: &OutboxRow, legacy_url: &str) -> String {
     let state = match row.event.as_str() {
         "stored" => "uploaded",
