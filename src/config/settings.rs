@@ -42,6 +42,8 @@ pub struct Settings {
     pub allow: Vec<Cidr>,
     /// `[[nodes]]` other than this one, with their legacy hosts normalised.
     pub other_nodes: Vec<OtherNode>,
+    /// `[[notify]]`, checked, with their secrets read.
+    pub notify: Vec<super::notify::NotifyEndpoint>,
 }
 
 /// Another recording host, as look-ups route to it.

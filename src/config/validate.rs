@@ -307,6 +307,8 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         ));
     }
 
+    let notify = super::notify::validate_notify(&config)?;
+
     let media = MediaTypes::new(&config.storage.content_types);
     Ok(Settings {
         config,
@@ -319,6 +321,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         windows,
         allow,
         other_nodes,
+        notify,
     })
 }
 

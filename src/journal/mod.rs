@@ -44,10 +44,14 @@
 //! - `writer`: [`Journal`], the writer thread and the daemon's read pool.
 //! - `rows`: [`State`], [`FileRow`] and the queries that read rows.
 //! - `transitions`: every write of the state machine.
+//! - `outbox`: the notification outbox (receivers, events waiting, delivery bookkeeping) and
+//!   the status page's queries.
 //! - `status`: figures for `status`, `STATUS=` and the metrics.
 //! - `reader`: look-ups' shared read snapshots, the stored-row scan and the `unstored` log
 //!   the look-up index follows.
 
+mod outbox;
+mod page;
 mod reader;
 mod rows;
 mod schema;
@@ -55,6 +59,8 @@ mod status;
 mod transitions;
 mod writer;
 
+pub use outbox::*;
+pub use page::*;
 pub use reader::*;
 pub use rows::*;
 pub use schema::UNSTORED_LOG_KEPT;
