@@ -170,6 +170,21 @@ def proc_cpu(pid):
         return float("nan")
 
 
+def rss_parts(pid):
+    """(anonymous, file-backed) resident MiB of a live process, from /proc/PID/status."""
+    anon = file = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) / 1024.0
+                elif line.startswith(("RssFile:", "RssShmem:")):
+                    file += int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return anon, file
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -188,7 +203,7 @@ def stop(proc, timeout=20):
 class Network:
     """The server (and the shaper, when the network has one) for one run."""
 
-    def __init__(self, name, bins, store, args):
+    def __init__(self, name, bins, store, args, timeline=None):
         self.name = name
         self.tls = name in ("https", "link")
         self.shaped = name == "link"
@@ -211,6 +226,8 @@ class Network:
                    f"127.0.0.1:{port}", "--window-mib", str(args.window_mib)]
             if self.shaped:
                 cmd += ["--rtt-ms", str(args.rtt_ms), "--rate-mib", str(args.rate_mib)]
+            if timeline:
+                cmd += ["--timeline", timeline]
             self.shaper = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True)
             line = self.shaper.stdout.readline()
@@ -353,25 +370,34 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
     # The server keeps parts and objects: up to twice the data.
     warm_memory(data, 2 * count * size)
 
-    net = Network(netname, bins, store, args)
+    timeline = os.path.join(jdir, "timeline.csv")
+    net = Network(netname, bins, store, args, timeline)
     lat = []
     perf = None
+    # Sampled every 20 ms: what the peak RSS is made of.
+    peak_anon = peak_file = 0.0
     try:
         if tool == "record-offload":
             cfg = os.path.join(jdir, "config.toml")
             write_config(cfg, root, journal, net, conf)
             env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+            start = time.time()
             t0 = time.monotonic()
             proc = subprocess.Popen([bins["record-offload"], "run", "--config", cfg], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if args.perf and spec == "record-offload":
                 os.makedirs(args.perf, exist_ok=True)
                 out = os.path.join(args.perf, f"{case}-{netname}.data")
-                perf = subprocess.Popen(["perf", "record", "-q", "-F", "499", "-g", "-o", out,
+                # Once its threads exist: perf follows threads made after it attached only
+                # sometimes.
+                time.sleep(0.3)
+                perf = subprocess.Popen(["perf", "record", "-q", "-F", "499", "--call-graph", "dwarf,16384", "-o", out,
                                          "-p", str(proc.pid)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = t0 + args.timeout
             while deleted_count(journal) < count:
+                anon, file = rss_parts(proc.pid)
+                peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
                 if proc.poll() is not None:
                     raise SystemExit(f"daemon exited early: {proc.stderr.read().decode()[-2000:]}")
                 if time.monotonic() > deadline:
@@ -379,6 +405,7 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
                     raise SystemExit(f"{case}/{netname}/{spec}: not done within {args.timeout} s")
                 time.sleep(0.02)
             wall = time.monotonic() - t0
+            end = time.time()
             server_cpu, proxy_cpu = net.cpu()
             if perf:
                 perf.send_signal(signal.SIGINT)
@@ -389,17 +416,26 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
         else:
             binary = peers[tool] if tool in peers else shutil.which("rclone")
             cmd, env = peer_command(tool, binary, root, net)
+            start = time.time()
             t0 = time.monotonic()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
-            _, status, ru = os.wait4(proc.pid, 0)
+            while True:
+                anon, file = rss_parts(proc.pid)
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
+                time.sleep(0.02)
             wall = time.monotonic() - t0
+            end = time.time()
             server_cpu, proxy_cpu = net.cpu()
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             raise SystemExit(f"{spec} failed ({code}): {proc.stderr.read().decode()[-2000:]}")
     finally:
         net.close()
+    phases = link_phases(timeline, start, end, net.rate_mib) if net.shaper else {}
     left = sum(len(files) for _, _, files in os.walk(root))
     stored = sum(len(files) for _, _, files in os.walk(os.path.join(store, "recordings")))
     total = count * size
@@ -409,11 +445,15 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
         "tool": spec, "case": case, "net": netname, "files": count, "bytes": total,
         "wall_s": wall, "mib_s": mib_s, "files_s": count / wall,
         "cpu_s": cpu, "cpu_s_per_gib": cpu / (total / GIB), "rss_mib": ru.ru_maxrss / 1024.0,
+        "anon_mib": peak_anon, "file_mib": peak_file,
         "server_cpu_s": server_cpu, "proxy_cpu_s": proxy_cpu,
         "link_pct": 100.0 * mib_s / net.rate_mib if net.rate_mib else float("nan"),
         "wire_up_mib": net.link_stats.get("up_bytes", float("nan")) / MIB,
         "connections": net.link_stats.get("connections", float("nan")),
         "lat_p50_s": pct(lat, 50), "lat_p99_s": pct(lat, 99),
+        "head_s": phases.get("head_s", float("nan")),
+        "tail_s": phases.get("tail_s", float("nan")),
+        "mid_pct": phases.get("mid_pct", float("nan")),
         "left_on_disk": left, "stored": stored, "load": loadavg(),
     }
     if left != 0 or stored < count:
@@ -422,6 +462,31 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(jdir, ignore_errors=True)
     return result
+
+
+def link_phases(timeline, start, end, rate_mib):
+    """From the shaper's timeline (unix ms, bytes up so far, every 100 ms): the time lost at
+    the start (from the tool's start until 1 % of the bytes had crossed the link, less what 1 %
+    takes at the link's rate: connecting, listing, hashing before the first byte), at the end
+    (from 99 % to the tool's end, less the same: completions, checks, deletes), and the share
+    of the link used in between (mid)."""
+    try:
+        with open(timeline) as f:
+            rows = [tuple(int(x) for x in line.split(",")) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    if not rows or rows[-1][1] == 0:
+        return {}
+    total = rows[-1][1]
+    first = next(r for r in rows if r[1] >= 0.01 * total)
+    last = next(r for r in rows if r[1] >= 0.99 * total)
+    # Less the time that 1 % takes at the link's rate: what is left is time lost.
+    edge = 0.01 * total / MIB / rate_mib if rate_mib else 0.0
+    out = {"head_s": first[0] / 1e3 - start - edge, "tail_s": end - last[0] / 1e3 - edge}
+    span = (last[0] - first[0]) / 1e3
+    if rate_mib and span > 0:
+        out["mid_pct"] = 100.0 * (last[1] - first[1]) / MIB / span / rate_mib
+    return out
 
 
 def run_trickle(bins, netname, args, count=200, size=MIB, gap=0.05):
@@ -472,8 +537,11 @@ def run_trickle(bins, netname, args, count=200, size=MIB, gap=0.05):
 
 COLS = [("wall_s", "wall s"), ("mib_s", "MiB/s"), ("files_s", "files/s"), ("cpu_s", "CPU s"),
         ("cpu_s_per_gib", "CPU s/GiB"), ("rss_mib", "peak RSS MiB"),
+        ("anon_mib", "anon MiB"), ("file_mib", "file MiB"),
         ("server_cpu_s", "server CPU s"), ("proxy_cpu_s", "proxy CPU s"), ("link_pct", "link %"),
+        ("head_s", "head lost s"), ("mid_pct", "mid link %"), ("tail_s", "tail lost s"),
         ("wire_up_mib", "wire up MiB")]
+LINK_ONLY = ("link_pct", "proxy_cpu_s", "wire_up_mib", "head_s", "mid_pct", "tail_s")
 
 
 def fmt(v):
@@ -494,9 +562,9 @@ def median_row(runs):
 
 
 def print_table(case, net, med, shaped):
-    cols = [c for c in COLS if shaped or c[0] not in ("link_pct", "proxy_cpu_s", "wire_up_mib")]
+    cols = [c for c in COLS if shaped or c[0] not in LINK_ONLY]
     if net == "proxy":
-        cols = [c for c in COLS if c[0] != "link_pct"]
+        cols = [c for c in COLS if c[0] not in ("link_pct", "mid_pct")]
     print(f"\n{CASE_NAMES.get(case, case)}, {net} (medians)")
     print("| tool | " + " | ".join(h for _, h in cols) + " |")
     print("| --- |" + " ---: |" * len(cols))

@@ -31,6 +31,9 @@ struct Args {
     /// Unacknowledged bytes per connection and direction, MiB (a TCP window).
     #[arg(long, default_value_t = 4.0)]
     window_mib: f64,
+    /// Every 100 ms, append `unix_ms,up_bytes,down_bytes` (totals so far) to this file.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -114,9 +117,41 @@ async fn run(args: Args) -> ExitCode {
         },
         args.window_mib
     );
+    if let Some(path) = &args.timeline {
+        match std::fs::File::create(path) {
+            Ok(file) => {
+                tokio::spawn(timeline(file, link.clone()));
+            }
+            Err(e) => {
+                eprintln!("shaper: cannot create {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     stopped().await;
     println!("{}", link.stats.json());
     ExitCode::SUCCESS
+}
+
+/// Writes the byte counters every 100 ms, as long as the file takes them.
+async fn timeline(mut file: std::fs::File, link: std::sync::Arc<record_offload_bench::Link>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let line = format!(
+            "{ms},{},{}\n",
+            link.stats.up_bytes.load(Ordering::Relaxed),
+            link.stats.down_bytes.load(Ordering::Relaxed)
+        );
+        if file.write_all(line.as_bytes()).is_err() {
+            return;
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
