@@ -33,8 +33,12 @@ rotated from round to round so that none always meets the machine first. Medians
 printed with every ratio of record-offload to each peer, then the goals table. Per run: wall
 seconds (start of the tool to the last file deleted; for record-offload, the daemon's start to
 the journal's last `deleted`), MiB/s, files/s, the tool's CPU seconds and peak RSS (wait4's
-rusage of the tool's process), the server's and the proxy's CPU seconds (/proc), the share of
-the link used (payload MiB/s over --rate-mib) and the bytes the proxy carried towards the server.
+rusage of the tool's process) with what it is made of (anonymous and file-backed, the highest
+seen in /proc/PID/status every 20 ms), the server's and the proxy's CPU seconds (/proc). On a
+proxied network also: the share of the link used (payload MiB/s over --rate-mib), the time
+lost at the start and at the end of the batch and the share of the link used in between (from
+the proxy's byte counts every 100 ms), and the bytes the proxy carried towards the server.
+--perf DIR records record-offload's runs with `perf record --call-graph dwarf`.
 
     bench/offload.py                                  # everything: about 40 min on 2 cores
     bench/offload.py --nets http --cases big --rounds 5
