@@ -484,10 +484,7 @@ async fn serve(shared: &Shared, client: &mut TcpStream) -> End {
             bump(&shared.stats.injected, 1);
             inject_status(client, leftover, body, expect_continue, status, &code).await
         }
-        Plan::Forward(plan) => {
-            let _in_flight = InFlight::new(&shared.stats, body);
-            forward(shared, client, &head, leftover, body, plan).await
-        }
+        Plan::Forward(plan) => forward(shared, client, &head, leftover, body, plan).await,
     }
 }
 
@@ -603,6 +600,8 @@ async fn forward(
         bump(&shared.stats.forwarded, 1);
     }
     let head_request = head.method().eq_ignore_ascii_case(b"HEAD");
+    // Counted until the answer's head goes back to the client (who may then start another).
+    let in_flight = InFlight::new(&shared.stats, body);
 
     let outcome = {
         let (mut client_read, mut client_write) = client.split();
@@ -620,6 +619,7 @@ async fn forward(
             &mut client_write,
             head_request,
             plan.delay,
+            in_flight,
         );
         tokio::pin!(request, response);
         let mut request_done = false;
@@ -782,6 +782,7 @@ async fn relay_response<R, W>(
     to: &mut W,
     head_request: bool,
     delay: Option<Duration>,
+    in_flight: Option<InFlight<'_>>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -817,6 +818,7 @@ where
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
+        drop(in_flight);
         to.write_all(&rewritten).await?;
         let mut rest = buf.split_off(head_len);
         match body_len {
