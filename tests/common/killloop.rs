@@ -21,11 +21,12 @@ pub const KILLS: usize = 3;
 /// Rows in `failed` are a test failure at once: nothing the store says in these tests is a
 /// permanent refusal.
 pub fn fail_fast(env: &Env, log: Option<&Path>) {
-    if !env.journal_path.exists() {
+    // A daemon just started may have created the file but not its schema yet: look later.
+    let Ok(conn) = journal::open_ro(&env.journal_path) else {
         return;
-    }
-    let failed: Vec<FileRow> = env
-        .rows()
+    };
+    let failed: Vec<FileRow> = journal::list(&conn, None, None)
+        .unwrap_or_default()
         .into_iter()
         .filter(|r| r.state == State::Failed)
         .collect();
