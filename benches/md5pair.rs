@@ -1,7 +1,9 @@
 //! Hashing cost per GiB: the `md-5` crate, this crate's single MD5, the part + whole pair in
-//! one pass (what a multipart upload needs), and 1 to 8 digests side by side. Prints MB/s of
-//! CPU time (the thread's own CPU clock, so other load on the machine barely matters) and CPU
-//! seconds per GiB.
+//! one pass (what a multipart upload needs), and 1 to 8 digests side by side; with the other
+//! per-byte costs of an upload beside them: the CRC-64 and a read from the page cache (a file
+//! on tmpfs, in the chunk sizes the uploader reads: 1 MiB to hash, 512 KiB to send). Prints
+//! MB/s of CPU time (the thread's own CPU clock, so other load on the machine barely matters)
+//! and CPU seconds per GiB.
 //!
 //!     cargo bench --bench md5pair
 
@@ -74,6 +76,39 @@ fn main() {
         let w = pair.finish_whole();
         [w[0] ^ last[0]; 16]
     });
+    time("crc64fast, CRC-64/XZ", len, 5, || {
+        let mut d = crc64fast::Digest::new();
+        d.write(&data);
+        [d.sum64() as u8; 16]
+    });
+    // A read from the page cache into a reused buffer (the kernel's copy), as the uploader
+    // does twice per byte of a part: once to hash, once to send.
+    let dir = std::env::var_os("MD5PAIR_TMP").unwrap_or_else(|| "/dev/shm".into());
+    let path = std::path::Path::new(&dir).join(format!("md5pair-{}", std::process::id()));
+    if std::fs::write(&path, &data).is_ok() {
+        if let Ok(f) = std::fs::File::open(&path) {
+            use std::os::unix::fs::FileExt;
+            for step in [1024 * 1024, 512 * 1024] {
+                let mut buf = vec![0u8; step];
+                time(
+                    &format!("pread from tmpfs, {} KiB", step / 1024),
+                    len,
+                    5,
+                    || {
+                        let mut pos = 0u64;
+                        while let Ok(n) = f.read_at(&mut buf, pos) {
+                            if n == 0 {
+                                break;
+                            }
+                            pos += n as u64;
+                        }
+                        [buf[0]; 16]
+                    },
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
     // Several digests side by side (what the hashing thread does with files and parts that
     // are hashed at the same time): the same bytes, cut into 1 to 8 independent lanes.
     for lanes in [1usize, 2, 4, 8] {

@@ -224,7 +224,7 @@ daemon_settings() {
   pid=$(ct systemctl show record-offload -p MainPID --value)
   cg=$(ct sh -c "grep -E '^[0-9]+:(cpu|cpu,cpuacct):' /proc/$pid/cgroup | cut -d: -f3")
   shares=$(ct sh -c "cat /sys/fs/cgroup/cpu/$cg/cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu,cpuacct/$cg/cpu.shares 2>/dev/null || echo none")
-  echo "cpu.shares $shares, nice $(ct ps -o ni= -p "$pid" | tr -d ' '), ionice '$(ct ionice -p "$pid")', oom_score_adj $(ct cat /proc/"$pid"/oom_score_adj)"
+  echo "cpu.shares $shares, policy $(ct ps -o cls= -p "$pid" | tr -d ' '), nice $(ct ps -o ni= -p "$pid" | tr -d ' '), ionice '$(ct ionice -p "$pid")', oom_score_adj $(ct cat /proc/"$pid"/oom_score_adj)"
 }
 
 echo "neighbour: $ROUNDS rounds of ${WINDOW}-s windows, backlog $BACKLOG_GIB GiB of $FILE_MIB MiB files"

@@ -20,7 +20,7 @@
 //! `upload.drain_secs` and abandons the rest (resumed at the next start); every journal write
 //! is a complete transaction, so the journal is consistent whenever the process stops.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -34,6 +34,7 @@ use crate::journal::{Journal, JournalError};
 use crate::lookup::resolve::{Resolver, ResolverError, default_public_url};
 use crate::lookup::server::{self as lookup_server, ServerError};
 use crate::pipeline::delete::{self, DeleteJob};
+use crate::pipeline::notify::{self, NotifyParams};
 use crate::pipeline::upload::Uploader;
 use crate::pipeline::watch::{self, Settled, WatchParams, WatchStats};
 use crate::pipeline::{UploadStats, intake, prune, recovery};
@@ -288,6 +289,16 @@ async fn start_stages(
         upload_stats.clone(),
     );
 
+    // The `[[notify]]` receivers are listed in the journal before any row can change, so no
+    // state change of this run misses one (the outbox triggers read that list).
+    let notify_params = NotifyParams {
+        node: cfg.node.name.clone(),
+        receivers: settings.notify.clone(),
+        outbox: cfg.notify_outbox.clone(),
+        legacy_url: Arc::new(|p: &Path| p.to_string_lossy().into_owned()),
+    };
+    notify::register(&notify_params, journal).await?;
+
     // Recovery. The deleter runs from the start: recovery hands it stored files still on disk.
     stages.spawn(delete::run(
         delete_rx,
@@ -366,9 +377,21 @@ async fn start_stages(
     if max_rows > 0 {
         resolver.enable_index(max_rows);
     }
+    let resolver = Arc::new(resolver);
+    let urls = resolver.clone();
+    notify::start(
+        NotifyParams {
+            legacy_url: Arc::new(move |p: &Path| urls.local_url(p)),
+            ..notify_params
+        },
+        journal,
+        stages,
+        cancel,
+    )
+    .await?;
     lookup_server::serve(
         bound,
-        Arc::new(resolver),
+        resolver,
         settings,
         liveness.clone(),
         cancel.clone(),

@@ -458,3 +458,41 @@ async fn connections_refused_while_a_batch_uploads() {
     d.shutdown();
     d.wait().await;
 }
+
+/// How concurrency is chosen: a part holds one of `upload.concurrency`, a small object its
+/// share of a part, so many small files are in flight at once (on a link with a long round trip
+/// each spends most of its request waiting for the answer) while parts stay within
+/// `concurrency` and the bytes in flight within `concurrency × part size`. Slow answers keep
+/// every request in flight long enough to be counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_go_many_at_once_parts_stay_within_concurrency() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    proxy.set(Fault::DelayResponse(Duration::from_millis(300)));
+    let d = env
+        .start(env.config_at(&format!("http://{}", proxy.addr()), |c| {
+            c.upload.part_size_mib = 5;
+            c.upload.concurrency = 2;
+            c.upload.request_timeout_secs = 10.0;
+        }))
+        .await;
+    let b = batch(&env, "a", 40, 3);
+    b.assert_all_stored(&env).await;
+    let s = proxy.stats();
+    // 40 small files (10 KB each: one unit of the 32 that concurrency 2 gives) against 2 at a
+    // time before; whole parts of 5 MiB never more than 2 at once (the 1 MiB last parts take
+    // their share, 4 units, beside them).
+    assert!(s.peak_bodies >= 8, "small files went few at a time: {s:?}");
+    assert!(
+        s.peak_large_bodies <= 2,
+        "more parts than concurrency: {s:?}"
+    );
+    // (Completions carry a short list of parts outside the bound: 64 KiB of slack.)
+    assert!(
+        s.peak_body_bytes <= 2 * 5 * 1024 * 1024 + 64 * 1024,
+        "more bytes in flight than concurrency × part size: {s:?}"
+    );
+    assert_eq!(s.injected, 0);
+    d.shutdown();
+    d.wait().await;
+}

@@ -39,7 +39,17 @@ pub fn load_without_secret(source: &Source) -> Result<Settings, ConfigError> {
     let mut config = load_unvalidated(source)?;
     config.storage.access_key_secret = "unused".to_string();
     config.storage.access_key_secret_file = None;
+    for n in &mut config.notify {
+        n.secret = "unused-by-this-command".to_string();
+        n.secret_file = None;
+    }
     let mut settings = validate(config)?;
+    for n in &mut settings.notify {
+        n.secret.clear();
+    }
+    for n in &mut settings.config.notify {
+        n.secret.clear();
+    }
     settings.config.storage.access_key_secret.clear();
     settings.secret.clear();
     Ok(settings)

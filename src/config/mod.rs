@@ -11,10 +11,12 @@
 //! - `load`: where configuration comes from, figment's errors as one line.
 //! - `validate`: the checks, and what they derive.
 //! - `settings`: [`Settings`], what the stages receive.
+//! - `notify`: `[[notify]]` and `[notify_outbox]`, checked into [`NotifyEndpoint`]s.
 //! - `secrets`: the storage secret (inline, file, systemd credential) and redaction.
 
 mod load;
 mod model;
+mod notify;
 mod secrets;
 mod settings;
 mod validate;
@@ -29,6 +31,7 @@ pub use load::{
     load_without_secret,
 };
 pub use model::*;
+pub use notify::{NotifyEndpoint, receiver_label};
 pub use secrets::{CREDENTIAL_NAME, redacted_toml};
 pub use settings::{ListenAddr, OtherNode, Settings};
 pub use validate::{

@@ -19,6 +19,10 @@ pub struct Config {
     pub health: HealthConfig,
     /// The other recording hosts (`[[nodes]]`), for look-ups that name them.
     pub nodes: Vec<NodeEntry>,
+    /// Receivers of file events (`[[notify]]`); none by default.
+    pub notify: Vec<NotifyConfig>,
+    /// The notification outbox's bounds and delivery timing (`[notify_outbox]`).
+    pub notify_outbox: NotifyOutboxConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -427,5 +431,75 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig { stall_secs: 120.0 }
+    }
+}
+
+/// Event names a `[[notify]]` entry may ask for.
+pub const NOTIFY_EVENTS: [&str; 4] = ["stored", "deleted", "failed", "vanished"];
+
+/// One receiver of file events (`[[notify]]`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Where events are POSTed (http:// or https://).
+    pub url: String,
+    /// Events sent: any of `stored`, `deleted`, `failed`, `vanished` (default all four).
+    pub events: Vec<String>,
+    /// HMAC-SHA256 key of the signature header (or `secret_file`).
+    pub secret: String,
+    pub secret_file: Option<PathBuf>,
+    /// A delivery (connect, send, answer) must finish within this time.
+    pub timeout_secs: f64,
+}
+
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &"<redacted>")
+            .field("secret_file", &self.secret_file)
+            .field("timeout_secs", &self.timeout_secs)
+            .finish()
+    }
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            url: String::new(),
+            events: NOTIFY_EVENTS.iter().map(|s| s.to_string()).collect(),
+            secret: String::new(),
+            secret_file: None,
+            timeout_secs: 10.0,
+        }
+    }
+}
+
+/// Bounds of the notification outbox and its delivery timing (`[notify_outbox]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyOutboxConfig {
+    /// Undelivered events kept per receiver; beyond, the oldest are dropped (logged, counted).
+    pub max_events: u64,
+    /// Undelivered events older than this are dropped (logged, counted); 0: kept until
+    /// delivered or pushed out by `max_events`.
+    pub max_age_secs: f64,
+    /// First delay after a failed delivery; doubles per attempt up to `retry_max_secs`.
+    pub retry_initial_secs: f64,
+    pub retry_max_secs: f64,
+    /// How often an idle delivery worker looks for new events in the outbox.
+    pub poll_secs: f64,
+}
+
+impl Default for NotifyOutboxConfig {
+    fn default() -> Self {
+        NotifyOutboxConfig {
+            max_events: 100_000,
+            max_age_secs: 0.0,
+            retry_initial_secs: 1.0,
+            retry_max_secs: 300.0,
+            poll_secs: 1.0,
+        }
     }
 }

@@ -41,7 +41,13 @@ pub(super) fn read_secret(st: &StorageConfig) -> Result<String, ConfigError> {
             }
         },
     };
-    let meta = std::fs::metadata(&path)
+    read_secret_file(key, &path)
+}
+
+/// Reads a secret from a file: a regular file of at most 64 KiB that other users cannot
+/// read, trimmed, not empty. `key` names the setting in errors.
+pub(super) fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let meta = std::fs::metadata(path)
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
     // A device, a FIFO or /proc/kcore would block or exhaust memory; a secret is a small file.
     if !meta.is_file() {
@@ -72,7 +78,7 @@ pub(super) fn read_secret(st: &StorageConfig) -> Result<String, ConfigError> {
     }
     let _ = meta.uid();
     let mut text = String::new();
-    std::fs::File::open(&path)
+    std::fs::File::open(path)
         .and_then(|f| f.take(MAX_SECRET_FILE_BYTES).read_to_string(&mut text))
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
     let secret = text.trim().to_string();
@@ -104,6 +110,11 @@ pub fn redacted_toml(settings: &Settings) -> String {
     }
     for secret in c.lookup.auth.keys.values_mut() {
         *secret = "<redacted>".to_string();
+    }
+    for n in &mut c.notify {
+        if !n.secret.is_empty() {
+            n.secret = "<redacted>".to_string();
+        }
     }
     toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
 }

@@ -47,6 +47,8 @@ pub struct Settings {
     /// the primary's key template), `secret` and `tls` are its own, and `config.lookup` carries
     /// its signing settings where they differ. `None`: no standby.
     pub standby: Option<Arc<Settings>>,
+    /// `[[notify]]`, checked, with their secrets read.
+    pub notify: Vec<super::notify::NotifyEndpoint>,
 }
 
 /// Another recording host, as look-ups route to it.

@@ -359,3 +359,117 @@ fn toml_syntax_errors_are_one_line_without_the_offending_text() {
         "TOML parse error at line 2, column 13: invalid basic string"
     );
 }
+
+/// `[[notify]]` and `[notify_outbox]`: each fault names its key; secrets come from the entry
+/// or a private file and never show in the printed config or the settings' Debug.
+#[test]
+fn notify_entries_are_checked_and_their_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, j) = (dir.path(), dir.path().join("j.db"));
+    let creds = "bucket = \"rec\"\naccess_key_id = \"id\"\naccess_key_secret = \"s\"";
+    let ok = |tail: &str| with(r, &j, "", creds, tail);
+    let good =
+        "url = \"https://biz.example.com/hook?token=t0k3n\"\nsecret = \"0123456789abcdef-notify\"";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            ok("[[notify]]\nsecret = \"0123456789abcdef\""),
+            "notify[0].url",
+        ),
+        (
+            ok("[[notify]]\nurl = \"ftp://x/y\"\nsecret = \"0123456789abcdef\""),
+            "notify[0].url",
+        ),
+        (
+            ok("[[notify]]\nurl = \"https://u:p@x/y\"\nsecret = \"0123456789abcdef\""),
+            "notify[0].url",
+        ),
+        (ok("[[notify]]\nurl = \"https://x/y\""), "notify[0].secret"),
+        (
+            ok("[[notify]]\nurl = \"https://x/y\"\nsecret = \"short\""),
+            "notify[0].secret",
+        ),
+        (
+            ok(
+                "[[notify]]\nurl = \"https://x/y\"\nsecret = \"0123456789abcdef\"\nevents = [\"stored\", \"moved\"]",
+            ),
+            "notify[0].events[1]",
+        ),
+        (
+            ok("[[notify]]\nurl = \"https://x/y\"\nsecret = \"0123456789abcdef\"\nevents = []"),
+            "notify[0].events",
+        ),
+        (
+            ok(
+                "[[notify]]\nurl = \"https://x/y\"\nsecret = \"0123456789abcdef\"\ntimeout_secs = 0",
+            ),
+            "notify[0].timeout_secs",
+        ),
+        (
+            ok("[[notify]]\nurl = \"https://x/y\"\nsecret = \"0123456789abcdef\"\nbogus = 1"),
+            "notify.0.bogus",
+        ),
+        (
+            ok(&format!("[[notify]]\n{good}\n[[notify]]\n{good}")),
+            "notify[1].url",
+        ),
+        (
+            ok(
+                "[[notify]]\nurl = \"https://x/y\"\nsecret = \"0123456789abcdef\"\nsecret_file = \"/nonexistent\"",
+            ),
+            "notify[0].secret_file",
+        ),
+        (
+            ok("[[notify]]\nurl = \"https://x/y\"\nsecret_file = \"/nonexistent/s\""),
+            "notify[0].secret_file",
+        ),
+        (
+            ok("[notify_outbox]\nmax_events = 0"),
+            "notify_outbox.max_events",
+        ),
+        (
+            ok("[notify_outbox]\nretry_initial_secs = 10\nretry_max_secs = 1"),
+            "notify_outbox.retry_max_secs",
+        ),
+        (
+            ok("[notify_outbox]\npoll_secs = -1"),
+            "notify_outbox.poll_secs",
+        ),
+    ];
+    for (toml, key) in cases {
+        let e = err_of(&toml);
+        assert!(e.key.starts_with(key), "{toml}\n-> {e}");
+    }
+    let s = from_toml_str(&ok(&format!(
+        "[[notify]]\n{good}\nevents = [\"failed\", \"stored\"]"
+    )))
+    .unwrap();
+    let n = &s.notify[0];
+    assert_eq!(n.events, vec!["stored", "failed"]);
+    assert_eq!(n.secret, "0123456789abcdef-notify");
+    assert_eq!(n.timeout, std::time::Duration::from_secs(10));
+    let shown = redacted_toml(&s);
+    assert!(!shown.contains("0123456789abcdef-notify"), "{shown}");
+    assert!(
+        !format!("{s:?}").contains("0123456789abcdef-notify"),
+        "Debug shows the secret"
+    );
+    assert_eq!(
+        receiver_label(n.url.as_str()),
+        "https://biz.example.com/hook"
+    );
+
+    // From a file only its owner may read.
+    let file = dir.path().join("notify.secret");
+    std::fs::write(&file, "from-a-file-0123456789\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let toml = ok(&format!(
+        "[[notify]]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = {:?}",
+        file.display().to_string()
+    ));
+    assert_eq!(err_of(&toml).key, "notify[0].secret_file", "world-readable");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        from_toml_str(&toml).unwrap().notify[0].secret,
+        "from-a-file-0123456789"
+    );
+}

@@ -252,6 +252,8 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         ));
     }
 
+    let notify = super::notify::validate_notify(&config)?;
+
     let media = MediaTypes::new(&config.storage.content_types);
     let mut settings = Settings {
         config,
@@ -264,6 +266,7 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         windows,
         allow,
         other_nodes,
+        notify,
         standby: None,
     };
     settings.standby = validate_standby(&settings)?;

@@ -46,10 +46,14 @@
 //! - `transitions`: every write of the state machine.
 //! - `stores`: which store holds a row's object (primary or standby), uploads abandoned on a
 //!   store, and the moves of copy-back.
+//! - `outbox`: the notification outbox (receivers, events waiting, delivery bookkeeping) and
+//!   the status page's queries.
 //! - `status`: figures for `status`, `STATUS=` and the metrics.
 //! - `reader`: look-ups' shared read snapshots, the stored-row scan and the `unstored` log
 //!   the look-up index follows.
 
+mod outbox;
+mod page;
 mod reader;
 mod rows;
 mod schema;
@@ -58,6 +62,8 @@ mod stores;
 mod transitions;
 mod writer;
 
+pub use outbox::*;
+pub use page::*;
 pub use reader::*;
 pub use rows::*;
 pub use schema::UNSTORED_LOG_KEPT;

@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use super::JournalError;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 5;
+pub const VERSION: i64 = 6;
 
 /// Entries the `unstored` log keeps (the triggers of schema 3 trim it to this many).
 pub const UNSTORED_LOG_KEPT: i64 = 10_000;
@@ -90,7 +90,60 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE files ADD COLUMN crc64 TEXT;
     "#,
-    // 5: the store that holds a row's object, or the one its upload in progress goes to
+    // 5: the notification outbox (`outbox.rs`). The daemon lists the configured receivers in
+    // `notify_endpoints` at start; triggers write one outbox row per (event, receiver) in the
+    // transaction of the state change they report, whoever makes it. `outbox_epoch` makes
+    // event ids unique across journals (a recreated journal restarts `seq`). The index on
+    // `uploaded_ms` serves the status page's recent uploads and throughput chart.
+    r#"
+    CREATE TABLE notify_endpoints (
+        id     INTEGER PRIMARY KEY,
+        url    TEXT NOT NULL UNIQUE,
+        events TEXT NOT NULL                  -- ',stored,failed,': the events it wants
+    );
+    CREATE TABLE outbox (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        endpoint   INTEGER NOT NULL REFERENCES notify_endpoints(id) ON DELETE CASCADE,
+        file_id    INTEGER NOT NULL,
+        event      TEXT NOT NULL,             -- stored | deleted | failed | vanished
+        path       BLOB NOT NULL,
+        key        TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        md5        TEXT,
+        crc64      TEXT,
+        error      TEXT,
+        at_ms      INTEGER NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_ms    INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        body       TEXT                       -- the JSON sent, fixed at the first attempt
+    );
+    CREATE INDEX outbox_endpoint ON outbox(endpoint, seq);
+    INSERT OR IGNORE INTO meta (k, v) VALUES ('outbox_epoch', abs(random() % 4294967296));
+    CREATE INDEX files_uploaded_ms ON files(uploaded_ms) WHERE uploaded_ms IS NOT NULL;
+    CREATE TRIGGER files_notify_update AFTER UPDATE OF state ON files
+    WHEN new.state IS NOT old.state AND new.state IN ('uploaded', 'deleted', 'failed', 'vanished')
+    BEGIN
+        INSERT INTO outbox (endpoint, file_id, event, path, key, size, md5, crc64, error, at_ms)
+        SELECT e.id, new.id, ev.name, new.path, new.key, new.size, new.md5, new.crc64,
+               CASE WHEN new.state = 'failed' THEN new.last_error END, new.updated_ms
+        FROM notify_endpoints e,
+             (SELECT CASE new.state WHEN 'uploaded' THEN 'stored' ELSE new.state END AS name) ev
+        WHERE instr(e.events, ',' || ev.name || ',') > 0
+        ORDER BY e.id;
+    END;
+    CREATE TRIGGER files_notify_insert AFTER INSERT ON files
+    WHEN new.state = 'failed'
+    BEGIN
+        INSERT INTO outbox (endpoint, file_id, event, path, key, size, md5, crc64, error, at_ms)
+        SELECT e.id, new.id, 'failed', new.path, new.key, new.size, new.md5, new.crc64,
+               new.last_error, new.updated_ms
+        FROM notify_endpoints e
+        WHERE instr(e.events, ',failed,') > 0
+        ORDER BY e.id;
+    END;
+    "#,
+    // 6: the store that holds a row's object, or the one its upload in progress goes to
     // ('primary' | 'standby'); multipart uploads left open on a store the uploads moved away
     // from, aborted once that store answers again; and the `unstored` trigger also fires when
     // a stored row changes store (so the look-up index re-reads it).

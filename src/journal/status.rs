@@ -18,6 +18,8 @@ pub struct Summary {
     pub oldest_waiting_secs: u64,
     pub bytes_uploading_sent: u64,
     pub last_errors: Vec<LastError>,
+    /// The notification outbox, per configured receiver.
+    pub notify: Vec<super::outbox::OutboxFigures>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,6 +88,7 @@ pub fn summary(conn: &Connection) -> Result<Summary, JournalError> {
     for row in rows {
         s.last_errors.push(row?);
     }
+    s.notify = super::outbox::outbox_figures(conn)?;
     Ok(s)
 }
 

@@ -1,4 +1,4 @@
-//! Which store holds each object (`files.store`, schema 5): the primary, or the standby the
+//! Which store holds each object (`files.store`, schema 6): the primary, or the standby the
 //! uploads moved to while the primary was failing; multipart uploads abandoned on a store the
 //! uploads moved away from; and copy-back's moves from the standby to the primary.
 

@@ -14,7 +14,8 @@
 //! - [`range`] reads `Range` headers for local files.
 //! - [`server`] is the HTTP server on every `lookup.listen` address: limits, connections,
 //!   shutdown; `listen` binds its sockets, `routes` answers each route, `files` serves local
-//!   files (ranges, conditional requests), `answer` builds JSON and redirect answers.
+//!   files (ranges, conditional requests), `answer` builds JSON and redirect answers, `ui`
+//!   and `ui_page` the status page (`GET /ui`).
 mod answer;
 pub mod auth;
 mod files;
@@ -27,3 +28,5 @@ mod routes;
 pub mod server;
 pub mod sign;
 pub mod signer;
+mod ui;
+mod ui_page;

@@ -441,8 +441,13 @@ impl Resolver {
 
     /// This agent's drop-in URL for `rel`.
     pub fn local_url(&self, rel: &Path) -> String {
+        format!("{}{}", self.public_url, self.local_path(rel))
+    }
+
+    /// The URL path of this agent's drop-in route for `rel` (`/record/a/b.mp4`).
+    pub fn local_path(&self, rel: &Path) -> String {
         let encoded = percent_encoding::percent_encode(rel.as_os_str().as_bytes(), PATH_SAFE);
-        format!("{}{}/{encoded}", self.public_url, self.prefix_path)
+        format!("{}/{encoded}", self.prefix_path)
     }
 
     /// Resolves `input` (docs/contract.md, "How look-up input is read"). `host_hint` is the host the

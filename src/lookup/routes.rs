@@ -1,4 +1,5 @@
-//! The routes: `/v1/resolve`, the drop-in for the old nginx URLs, `/healthz`, `/metrics`.
+//! The routes: `/v1/resolve`, the drop-in for the old nginx URLs, `/healthz`, `/metrics`,
+//! and the status page (`/ui`, `/ui/requeue`; see `super::ui`).
 //! Routing is a `match` on the path (see the module documentation of `super::server`).
 
 use std::path::Path;
@@ -27,14 +28,24 @@ pub(super) struct AppState {
     pub(super) auth_legacy: bool,
     /// The daemon's liveness, for `/healthz`.
     pub(super) health: Arc<dyn HealthCheck>,
+    /// The status page's own state.
+    pub(super) ui: super::ui::UiState,
 }
 
 /// Routes a request (exposed for tests that drive it without sockets). Request bodies are
-/// never read: every route is a `GET` or `HEAD`.
+/// never read: every route is a `GET` or `HEAD`, but for `/ui/requeue`, whose input is in
+/// its query.
 pub(super) async fn dispatch<B>(state: Arc<AppState>, req: http::Request<B>) -> Response {
     let (parts, _body) = req.into_parts();
     let head = parts.method == Method::HEAD;
     let route: Option<fn(&AppState) -> Response> = match parts.uri.path() {
+        "/ui/requeue" => return super::ui::requeue(state, &parts).await,
+        "/ui" | "/ui/" => {
+            if parts.method != Method::GET && !head {
+                return method_not_allowed();
+            }
+            return super::ui::page(state, &parts).await;
+        }
         "/v1/resolve" => None,
         "/healthz" => Some(healthz),
         "/metrics" => Some(metrics),
@@ -51,7 +62,7 @@ pub(super) async fn dispatch<B>(state: Arc<AppState>, req: http::Request<B>) -> 
 }
 
 /// Checks `lookup.auth` for a request; `None` when it may go on.
-fn check_auth(state: &AppState, req: &http::request::Parts) -> Option<Response> {
+pub(super) fn check_auth(state: &AppState, req: &http::request::Parts) -> Option<Response> {
     let auth = state.auth.as_ref()?;
     let uri = &req.uri;
     match auth.verify(req.method.as_str(), uri.path(), uri.query(), now_unix()) {
@@ -302,6 +313,7 @@ mod tests {
             auth: None,
             auth_legacy: false,
             health: healthy.clone(),
+            ui: super::super::ui::UiState::new(&settings),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

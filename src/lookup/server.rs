@@ -10,6 +10,7 @@
 //! | `GET`/`HEAD {legacy_prefix}/REL` | 302 to the signed URL, the local file (Range, ETag), 307, 400/404/414 JSON |
 //! | `GET /healthz` | the daemon's [`HealthCheck`] (its liveness) |
 //! | `GET /metrics` | the process's metrics (Prometheus text) |
+//! | `GET /ui`, `POST /ui/requeue` | the status page and its re-queue action (`super::ui`) |
 //!
 //! # Limits
 //!
@@ -59,6 +60,7 @@ pub use super::answer::{Body, Response};
 pub use super::listen::{Bound, ServerError, bind};
 use super::listen::{Conn, Listener, StdListener, accept, remove_own_socket};
 use super::routes::{AppState, dispatch};
+use super::ui::Via;
 use crate::config::{ListenAddr, Settings};
 use crate::journal::SNAPSHOT_SECS;
 use crate::lookup::auth::{AllowList, Auth};
@@ -116,6 +118,7 @@ pub fn serve(
         auth: Auth::new(&lk.auth.keys, lk.auth.window_secs),
         auth_legacy: lk.auth.legacy_route,
         health,
+        ui: super::ui::UiState::new(settings),
     });
     let limits = Limits::from_settings(settings);
     // Listeners move to the server's runtime as plain sockets and are registered there.
@@ -276,8 +279,10 @@ where
     }
     let state = ctx.state.clone();
     let timeout = ctx.limits.request_timeout;
-    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+    let via = if peer.is_some() { Via::Tcp } else { Via::Unix };
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let state = state.clone();
+        req.extensions_mut().insert(via);
         async move {
             let answer = dispatch(state, req);
             let mut answer = std::pin::pin!(answer);

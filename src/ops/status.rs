@@ -9,7 +9,11 @@ pub(super) fn status(
     conn: &rusqlite::Connection,
     json: bool,
 ) -> Result<(), journal::JournalError> {
-    let s = journal::summary(conn)?;
+    let mut s = journal::summary(conn)?;
+    // A receiver's query may carry a token: receivers are named without it.
+    for f in &mut s.notify {
+        f.url = crate::config::receiver_label(&f.url);
+    }
     if json {
         println!(
             "{}",
@@ -35,6 +39,21 @@ pub(super) fn status(
         println!("last errors:");
         for e in &s.last_errors {
             println!("  #{} {} ({}): {}", e.id, e.path, e.state, e.error);
+        }
+    }
+    if !s.notify.is_empty() {
+        println!("notifications:");
+        for f in &s.notify {
+            print!(
+                "  {}: {} undelivered, oldest {}",
+                f.url,
+                f.backlog,
+                human_age(f.oldest_secs)
+            );
+            match &f.last_error {
+                Some(e) => println!(", {} failed attempts, last: {e}", f.head_attempts),
+                None => println!(),
+            }
         }
     }
     Ok(())

@@ -13,6 +13,7 @@
 //! - [`delete`]: removes local copies of stored files, in batches behind one durable commit.
 //! - [`prune`]: removes directories that deletions emptied, once they stayed idle.
 //! - [`recovery`]: what a start does with what the last run left.
+//! - [`notify`]: delivers the outbox's events to the `[[notify]]` receivers.
 //!
 //! Stages talk through bounded channels (backpressure, not unbounded queues) and the journal;
 //! each stops when its cancellation token fires (waiting for work may be cancelled, work in
@@ -20,6 +21,7 @@
 
 pub mod delete;
 pub mod intake;
+pub mod notify;
 pub mod prune;
 pub mod recovery;
 pub mod upload;

@@ -24,10 +24,17 @@
 //! | `record_offload_watch_root_free_bytes`, `..._size_bytes` | gauge | |
 //! | `record_offload_stage_heartbeat_age_seconds` | gauge | `stage` |
 //! | `record_offload_healthy` | gauge | |
+//! | `record_offload_notify_backlog`, `..._notify_oldest_seconds` | gauge | `receiver` |
+//! | `record_offload_notify_delivered_total` | counter | `receiver` |
+//! | `record_offload_notify_failures_total` | counter | `receiver`, `reason` |
+//! | `record_offload_notify_dropped_total` | counter | `receiver`, `reason` |
 //!
 //! `reason` is the store's error code (`AccessDenied`, `SlowDown`, …) when it sent one,
 //! otherwise `http_<status>`, `network` (no answer: refused, cut, timed out), `corrupt` (the
 //! stored bytes differ from ours), or a local cause (`local`, `verify`, `journal`, `io`).
+//! For notifications, `receiver` is the `[[notify]]` URL without its query, `reason` of a
+//! failed delivery is `http_<status>`, `timeout`, `connect` or `network`, and of a dropped
+//! event `outbox_full`, `expired` or `receiver_removed`.
 
 use std::path::Path;
 use std::sync::LazyLock;
@@ -73,6 +80,11 @@ struct Metrics {
     heartbeat_age: prometheus::GaugeVec,
     healthy: IntGauge,
     failed_over: IntGauge,
+    notify_backlog: IntGaugeVec,
+    notify_oldest: IntGaugeVec,
+    notify_delivered: IntCounterVec,
+    notify_failures: IntCounterVec,
+    notify_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -150,6 +162,41 @@ impl Metrics {
             "failed_over",
             "1 while uploads go to the standby store because the primary fails.",
         )?;
+        let notify_backlog = IntGaugeVec::new(
+            Opts::new(
+                "notify_backlog",
+                "Events in the outbox not delivered yet, by receiver.",
+            ),
+            &["receiver"],
+        )?;
+        let notify_oldest = IntGaugeVec::new(
+            Opts::new(
+                "notify_oldest_seconds",
+                "Age of the oldest undelivered event, by receiver (0 when none waits).",
+            ),
+            &["receiver"],
+        )?;
+        let notify_delivered = IntCounterVec::new(
+            Opts::new(
+                "notify_delivered_total",
+                "Events a receiver acknowledged with 2xx, by receiver.",
+            ),
+            &["receiver"],
+        )?;
+        let notify_failures = IntCounterVec::new(
+            Opts::new(
+                "notify_failures_total",
+                "Failed delivery attempts (retried), by receiver and reason.",
+            ),
+            &["receiver", "reason"],
+        )?;
+        let notify_dropped = IntCounterVec::new(
+            Opts::new(
+                "notify_dropped_total",
+                "Events dropped undelivered by the outbox's bounds, by receiver and reason.",
+            ),
+            &["receiver", "reason"],
+        )?;
         for st in State::ALL {
             files.with_label_values(&[st.as_str()]).set(0);
         }
@@ -172,6 +219,11 @@ impl Metrics {
         registry.register(Box::new(heartbeat_age.clone()))?;
         registry.register(Box::new(healthy.clone()))?;
         registry.register(Box::new(failed_over.clone()))?;
+        registry.register(Box::new(notify_backlog.clone()))?;
+        registry.register(Box::new(notify_oldest.clone()))?;
+        registry.register(Box::new(notify_delivered.clone()))?;
+        registry.register(Box::new(notify_failures.clone()))?;
+        registry.register(Box::new(notify_dropped.clone()))?;
         Ok(Metrics {
             registry,
             files,
@@ -190,6 +242,11 @@ impl Metrics {
             heartbeat_age,
             healthy,
             failed_over,
+            notify_backlog,
+            notify_oldest,
+            notify_delivered,
+            notify_failures,
+            notify_dropped,
         })
     }
 }
@@ -265,6 +322,51 @@ pub fn upload_retry(reason: &str) {
 /// A file that failed permanently.
 pub fn upload_failure(reason: &str) {
     with(|m| m.failures.with_label_values(&[&label(reason)]).inc());
+}
+
+/// A receiver's series exist from the start (at zero), so a dashboard sees them before the
+/// first event.
+pub fn notify_receiver(receiver: &str) {
+    with(|m| {
+        m.notify_delivered.with_label_values(&[receiver]);
+        m.notify_backlog.with_label_values(&[receiver]);
+        m.notify_oldest.with_label_values(&[receiver]);
+    });
+}
+
+/// An event a receiver acknowledged.
+pub fn notify_delivered(receiver: &str) {
+    with(|m| m.notify_delivered.with_label_values(&[receiver]).inc());
+}
+
+/// A delivery attempt that failed (it is retried).
+pub fn notify_failure(receiver: &str, reason: &str) {
+    with(|m| {
+        m.notify_failures
+            .with_label_values(&[receiver, &label(reason)])
+            .inc()
+    });
+}
+
+/// Events dropped undelivered.
+pub fn notify_dropped(receiver: &str, reason: &str, n: u64) {
+    with(|m| {
+        m.notify_dropped
+            .with_label_values(&[receiver, reason])
+            .inc_by(n)
+    });
+}
+
+/// A receiver's backlog and the age of its oldest event (from the journal).
+pub fn set_notify_backlog(receiver: &str, backlog: u64, oldest_secs: u64) {
+    with(|m| {
+        m.notify_backlog
+            .with_label_values(&[receiver])
+            .set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        m.notify_oldest
+            .with_label_values(&[receiver])
+            .set(i64::try_from(oldest_secs).unwrap_or(i64::MAX));
+    });
 }
 
 /// The `reason` label for a store error.

@@ -156,6 +156,18 @@ impl Monitor {
                 }
             }
             metrics::set_queue(&q);
+            match self.journal.read(journal::outbox_figures).await {
+                Ok(figures) => {
+                    for f in figures {
+                        metrics::set_notify_backlog(
+                            &crate::config::receiver_label(&f.url),
+                            f.backlog,
+                            f.oldest_secs,
+                        );
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the notification outbox"),
+            }
             if self.liveness.is_stopping() {
                 continue;
             }

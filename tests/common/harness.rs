@@ -150,6 +150,13 @@ impl Env {
         journal::list(&conn, None, None).unwrap()
     }
 
+    /// The rows, or `None` while the journal cannot be read yet (a daemon killed before its
+    /// first start finished creating the schema leaves a file at schema 0).
+    pub fn try_rows(&self) -> Option<Vec<FileRow>> {
+        let conn = journal::open_ro(&self.journal_path).ok()?;
+        journal::list(&conn, None, None).ok()
+    }
+
     /// Waits until `rel` reaches `state`; panics with the row after `timeout`.
     pub async fn wait_state(
         &self,

@@ -21,11 +21,11 @@ pub const KILLS: usize = 3;
 /// Rows in `failed` are a test failure at once: nothing the store says in these tests is a
 /// permanent refusal.
 pub fn fail_fast(env: &Env, log: Option<&Path>) {
-    if !env.journal_path.exists() {
+    // A journal that cannot be read yet (killed before its schema was created) has no rows.
+    let Some(rows) = env.try_rows() else {
         return;
-    }
-    let failed: Vec<FileRow> = env
-        .rows()
+    };
+    let failed: Vec<FileRow> = rows
         .into_iter()
         .filter(|r| r.state == State::Failed)
         .collect();

@@ -7,3 +7,4 @@ pub mod http;
 pub mod killloop;
 pub mod moto;
 pub mod proxy;
+pub mod receiver;

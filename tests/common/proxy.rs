@@ -94,7 +94,17 @@ pub struct ProxyStats {
     /// Connections closed at accept time because the proxy was `Down` (or `Refuse`),
     /// before any request was read.
     pub dropped_connections: u64,
+    /// The most forwarded requests with a body in flight at once (from their head to the end
+    /// of their answer), and of those with a body of at least [`LARGE_BODY`] bytes.
+    pub peak_bodies: u64,
+    pub peak_large_bodies: u64,
+    /// The most body bytes (by `Content-Length`) of forwarded requests in flight at once.
+    pub peak_body_bytes: u64,
 }
+
+/// Bodies of at least this size count as large in [`ProxyStats::peak_large_bodies`] (whole
+/// parts of 5 MiB, not the short last part of a file).
+pub const LARGE_BODY: u64 = 4 * 1024 * 1024;
 
 /// A fault-injecting proxy listening on 127.0.0.1. Stops when dropped.
 pub struct FaultProxy {
@@ -181,6 +191,9 @@ impl FaultProxy {
             forwarded: c.forwarded.load(Ordering::SeqCst),
             request_body_bytes: c.request_body_bytes.load(Ordering::SeqCst),
             dropped_connections: c.dropped_connections.load(Ordering::SeqCst),
+            peak_bodies: c.peak_bodies.load(Ordering::SeqCst),
+            peak_large_bodies: c.peak_large_bodies.load(Ordering::SeqCst),
+            peak_body_bytes: c.peak_body_bytes.load(Ordering::SeqCst),
         }
     }
 }
@@ -234,6 +247,48 @@ struct Counters {
     forwarded: AtomicU64,
     request_body_bytes: AtomicU64,
     dropped_connections: AtomicU64,
+    bodies: AtomicU64,
+    large_bodies: AtomicU64,
+    body_bytes: AtomicU64,
+    peak_bodies: AtomicU64,
+    peak_large_bodies: AtomicU64,
+    peak_body_bytes: AtomicU64,
+}
+
+/// A forwarded request with a body, counted in flight until dropped.
+struct InFlight<'a> {
+    stats: &'a Counters,
+    len: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(stats: &'a Counters, body: Body) -> Option<InFlight<'a>> {
+        let Body::Length(len) = body else {
+            return None;
+        };
+        if len == 0 {
+            return None;
+        }
+        let n = stats.bodies.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.peak_bodies.fetch_max(n, Ordering::SeqCst);
+        let b = stats.body_bytes.fetch_add(len, Ordering::SeqCst) + len;
+        stats.peak_body_bytes.fetch_max(b, Ordering::SeqCst);
+        if len >= LARGE_BODY {
+            let l = stats.large_bodies.fetch_add(1, Ordering::SeqCst) + 1;
+            stats.peak_large_bodies.fetch_max(l, Ordering::SeqCst);
+        }
+        Some(InFlight { stats, len })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.stats.bodies.fetch_sub(1, Ordering::SeqCst);
+        self.stats.body_bytes.fetch_sub(self.len, Ordering::SeqCst);
+        if self.len >= LARGE_BODY {
+            self.stats.large_bodies.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -545,6 +600,8 @@ async fn forward(
         bump(&shared.stats.forwarded, 1);
     }
     let head_request = head.method().eq_ignore_ascii_case(b"HEAD");
+    // Counted until the answer's head goes back to the client (who may then start another).
+    let in_flight = InFlight::new(&shared.stats, body);
 
     let outcome = {
         let (mut client_read, mut client_write) = client.split();
@@ -562,6 +619,7 @@ async fn forward(
             &mut client_write,
             head_request,
             plan.delay,
+            in_flight,
         );
         tokio::pin!(request, response);
         let mut request_done = false;
@@ -724,6 +782,7 @@ async fn relay_response<R, W>(
     to: &mut W,
     head_request: bool,
     delay: Option<Duration>,
+    in_flight: Option<InFlight<'_>>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -759,6 +818,7 @@ where
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
+        drop(in_flight);
         to.write_all(&rewritten).await?;
         let mut rest = buf.split_off(head_len);
         match body_len {

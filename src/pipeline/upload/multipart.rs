@@ -359,7 +359,7 @@ impl Uploader {
                 // The file no longer matches what was sent.
                 return Err(TaskError::Changed);
             }
-            let permit = self.acquire(cancel).await?;
+            let permit = self.acquire(len, cancel).await?;
             drop(prepared);
             let part = Part {
                 number,
@@ -409,7 +409,7 @@ impl Uploader {
         loop {
             let held = match permit.take() {
                 Some(p) => p,
-                None => self.acquire(cancel).await?,
+                None => self.acquire(part.len, cancel).await?,
             };
             let body = FileRange {
                 file: upload.file.clone(),

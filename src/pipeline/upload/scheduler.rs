@@ -1,5 +1,7 @@
-//! The scheduler: due rows from the journal, one task per file (up to four times
-//! `upload.concurrency`), each attempt's outcome written back; and the drain at shutdown.
+//! The scheduler: due rows from the journal, one task per file, each attempt's outcome written
+//! back; and the drain at shutdown. Files in flight: as many as can be sent at once plus those
+//! read ahead ([`files_in_flight`]), of which at most four times `upload.concurrency` are
+//! larger than one part.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Outcome, TaskError, Uploader};
+use super::{Outcome, TaskError, UNITS_PER_PART, Uploader};
 use crate::journal::{self, Durability, FileRow};
 use crate::service::metrics;
 use crate::store::ErrorKind;
@@ -30,12 +32,26 @@ fn metrics_reason(r: &Result<Outcome, TaskError>) -> String {
     }
 }
 
+/// The most files in flight, and the most of them larger than one part, for
+/// `upload.concurrency`: every small file that can be sent at once (one unit each, see
+/// [`super::send_units`]) plus those read ahead (twice `concurrency`); large files as before,
+/// four times `concurrency`, enough to keep `concurrency` parts going while files start and
+/// finish, and few enough that a batch of large files finishes one file after another rather
+/// than all at the end.
+pub(super) fn files_in_flight(concurrency: usize) -> (usize, usize) {
+    let files = concurrency * (UNITS_PER_PART as usize + 2);
+    (files, concurrency * 4)
+}
+
 impl Uploader {
     /// Runs the scheduler until `cancel`; then lets files in flight finish for
     /// `upload.drain_secs` and abandons the rest (they resume at the next start).
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let max_files = self.settings.config.upload.concurrency * 4;
+        let (max_files, max_large) = files_in_flight(self.settings.config.upload.concurrency);
+        let part_size = self.settings.part_size();
         let mut active: HashSet<i64> = HashSet::new();
+        // Files in flight larger than one part.
+        let mut large = 0usize;
         let mut task_rows: HashMap<tokio::task::Id, (i64, u64)> = HashMap::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
         // Due rows read ahead, so finishing a file does not cost a journal query.
@@ -65,10 +81,20 @@ impl Uploader {
             // loop keeps turning (and its heartbeat beating) while it waits.
             let window_open = self.windows.is_open_now();
             while window_open && !cancel.is_cancelled() && active.len() < max_files {
+                // In order: a large file waits for a large file's turn, and those after it too.
+                if backlog
+                    .front()
+                    .is_some_and(|r| r.size > part_size && large >= max_large)
+                {
+                    break;
+                }
                 let Some(row) = backlog.pop_front() else {
                     break;
                 };
                 if active.insert(row.id) {
+                    if row.size > part_size {
+                        large += 1;
+                    }
                     let me = self.clone();
                     let token = work_cancel.clone();
                     let (id, size) = (row.id, row.size);
@@ -96,6 +122,9 @@ impl Uploader {
                     };
                     if let Some((id, size)) = task_rows.remove(&task) {
                         active.remove(&id);
+                        if size > part_size {
+                            large = large.saturating_sub(1);
+                        }
                         self.stats.in_flight.bytes.fetch_sub(size, Ordering::Relaxed);
                     }
                 }

@@ -15,8 +15,9 @@ use crate::util::fs::Identity;
 use crate::util::keys::{SOURCE_META, source_tag};
 use crate::util::md5pair::Md5Pair;
 
-/// Objects up to this size are read into memory once, hashed and sent from there (at most
-/// `upload.concurrency` of them at a time); larger ones are read twice, never held.
+/// Objects up to this size are read into memory once, hashed and sent from there (their
+/// bytes bounded by the units they hold, see [`super::send_units`]); larger ones are read
+/// twice, never held.
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
 impl Uploader {
@@ -66,7 +67,7 @@ impl Uploader {
             (md5, None)
         };
         let crc64 = crc.sum();
-        let permit = self.acquire(cancel).await?;
+        let permit = self.acquire(size, cancel).await?;
         drop(prepared);
         let mut permit = Some(permit);
         let metadata = [
@@ -76,7 +77,7 @@ impl Uploader {
         loop {
             let held = match permit.take() {
                 Some(p) => p,
-                None => self.acquire(cancel).await?,
+                None => self.acquire(size, cancel).await?,
             };
             let body = match &data {
                 Some(b) => Body::Bytes(b.clone()),
