@@ -103,6 +103,9 @@ pub struct OutboxRow {
     pub next_ms: i64,
     /// The document as first sent ([`outbox_set_body`]): every retry sends these bytes.
     pub body: Option<String>,
+    /// The store that held the file when the change was committed (`None`: an event
+    /// written before schema 6, when there was only the primary).
+    pub store: Option<String>,
 }
 
 /// The oldest undelivered event of a receiver: the only one its worker may send (events go
@@ -111,7 +114,7 @@ pub fn outbox_head(conn: &Connection, endpoint: i64) -> Result<Option<OutboxRow>
     Ok(conn
         .prepare_cached(
             "SELECT seq, endpoint, file_id, event, path, key, size, md5, crc64, error, at_ms,
-                    attempts, next_ms, body
+                    attempts, next_ms, body, store
              FROM outbox WHERE endpoint = ?1 ORDER BY seq LIMIT 1",
         )?
         .query_row([endpoint], |r| {
@@ -131,6 +134,7 @@ pub fn outbox_head(conn: &Connection, endpoint: i64) -> Result<Option<OutboxRow>
                 attempts: r.get(11)?,
                 next_ms: r.get(12)?,
                 body: r.get(13)?,
+                store: r.get(14)?,
             })
         })
         .optional()?)

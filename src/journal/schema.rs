@@ -146,7 +146,8 @@ const MIGRATIONS: &[&str] = &[
     // 6: the store that holds a row's object, or the one its upload in progress goes to
     // ('primary' | 'standby'); multipart uploads left open on a store the uploads moved away
     // from, aborted once that store answers again; and the `unstored` trigger also fires when
-    // a stored row changes store (so the look-up index re-reads it).
+    // a stored row changes store (so the look-up index re-reads it); the outbox's events
+    // carry the store.
     r#"
     ALTER TABLE files ADD COLUMN store TEXT NOT NULL DEFAULT 'primary';
     CREATE TABLE abandoned_uploads (
@@ -165,6 +166,33 @@ const MIGRATIONS: &[&str] = &[
     BEGIN
         INSERT INTO unstored (path) VALUES (old.path);
         DELETE FROM unstored WHERE seq <= (SELECT MAX(seq) FROM unstored) - 10000;
+    END;
+    -- Notification events name the store that held the file when the change was committed.
+    ALTER TABLE outbox ADD COLUMN store TEXT;
+    DROP TRIGGER files_notify_update;
+    CREATE TRIGGER files_notify_update AFTER UPDATE OF state ON files
+    WHEN new.state IS NOT old.state AND new.state IN ('uploaded', 'deleted', 'failed', 'vanished')
+    BEGIN
+        INSERT INTO outbox (endpoint, file_id, event, path, key, size, md5, crc64, error, at_ms,
+                            store)
+        SELECT e.id, new.id, ev.name, new.path, new.key, new.size, new.md5, new.crc64,
+               CASE WHEN new.state = 'failed' THEN new.last_error END, new.updated_ms, new.store
+        FROM notify_endpoints e,
+             (SELECT CASE new.state WHEN 'uploaded' THEN 'stored' ELSE new.state END AS name) ev
+        WHERE instr(e.events, ',' || ev.name || ',') > 0
+        ORDER BY e.id;
+    END;
+    DROP TRIGGER files_notify_insert;
+    CREATE TRIGGER files_notify_insert AFTER INSERT ON files
+    WHEN new.state = 'failed'
+    BEGIN
+        INSERT INTO outbox (endpoint, file_id, event, path, key, size, md5, crc64, error, at_ms,
+                            store)
+        SELECT e.id, new.id, 'failed', new.path, new.key, new.size, new.md5, new.crc64,
+               new.last_error, new.updated_ms, new.store
+        FROM notify_endpoints e
+        WHERE instr(e.events, ',failed,') > 0
+        ORDER BY e.id;
     END;
     "#,
 ];

@@ -369,7 +369,7 @@ pub fn event_body(id: &str, node: &str, row: &OutboxRow, legacy_url: &str) -> St
         "size": row.size,
         "md5": row.md5,
         "crc64": row.crc64,
-        "store": "primary",
+        "store": row.store.as_deref().unwrap_or("primary"),
         "state": state,
         "time": time,
     });
