@@ -206,7 +206,7 @@ async fn sigkill_between_commit_and_delivery_loses_no_event() {
             } else {
                 ""
             };
-            child = Some(spawn_with(&cfg, &log, points));
+            child = Some(killloop::spawn_with_failpoints(&cfg, &log, points));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -224,23 +224,4 @@ async fn sigkill_between_commit_and_delivery_loses_no_event() {
     );
     drop(child);
     server.abort();
-}
-
-fn spawn_with(cfg: &std::path::Path, log: &std::path::Path, points: &str) -> killloop::Daemon {
-    use std::process::{Command, Stdio};
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .args(["run", "--config"])
-        .arg(cfg)
-        .env("RUST_LOG", "record_offload=info")
-        .env("RECORD_OFFLOAD_FAILPOINTS", points)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(killloop::Daemon)
-        .unwrap()
 }

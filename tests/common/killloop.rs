@@ -90,6 +90,11 @@ impl Drop for Daemon {
 }
 
 pub fn spawn(cfg: &Path, log: &Path) -> Daemon {
+    spawn_with_failpoints(cfg, log, "")
+}
+
+/// [`spawn`] with `RECORD_OFFLOAD_FAILPOINTS` set to `points` (empty: none).
+pub fn spawn_with_failpoints(cfg: &Path, log: &Path, points: &str) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -99,6 +104,7 @@ pub fn spawn(cfg: &Path, log: &Path) -> Daemon {
         .args(["run", "--config"])
         .arg(cfg)
         .env("RUST_LOG", "record_offload=info")
+        .env("RECORD_OFFLOAD_FAILPOINTS", points)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
