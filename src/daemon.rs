@@ -202,6 +202,8 @@ impl Daemon {
                 journal: journal.clone(),
                 in_flight: started.uploader.stats.in_flight.clone(),
                 watch_root: cfg.watch.root.clone(),
+                disk_report: crate::service::disk::report_path(&cfg.journal.path),
+                disk_warn_secs: cfg.watch.disk_warn_secs,
             }
             .run(monitor_stop.clone()),
         );

@@ -30,6 +30,9 @@ fn write_config_at(env: &Env, endpoint: &str, edit: impl FnOnce(&mut Config)) ->
         // The secret comes in the environment (see `spawn`).
         c.storage.access_key_secret = String::new();
         c.upload.drain_secs = 1.0;
+        // The test host's disk fills and empties with other builds: no forecast warnings
+        // in STATUS= unless a test asks for them.
+        c.watch.disk_warn_secs = 0.0;
         edit(c);
     })
 }
@@ -564,4 +567,137 @@ async fn the_lookup_index_follows_a_path_recorded_again() {
         (200, Some(md5_hex(&second).as_str()))
     );
     assert!(terminate(&mut child).success());
+}
+
+/// Unmounts a tmpfs mounted by a test, also when the test fails.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The disk forecast on a real, small file system (a tmpfs as the watch root): while files
+/// fill it the daemon forecasts it full within `watch.disk_warn_secs` — the metric is finite,
+/// `/healthz` answers 200 "degraded" with the reason, `STATUS=` leads with the warning — and
+/// once the space is freed again the warning clears. Skipped (with the reason printed) where
+/// mounting is not permitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_disk_is_forecast_and_reported() {
+    let env = Env::new().await;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&env.root)
+        .stderr(Stdio::piped())
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run mount: {e}");
+            return;
+        }
+    }
+    let _tmpfs = Tmpfs(env.root.clone());
+    let lookup = env.dir.path().join("lookup.sock");
+    let cfg = write_config(&env, |c| {
+        // Nothing here is a recording: the files only take space.
+        c.watch.include = vec!["**/*.mp4".to_string()];
+        c.watch.disk_warn_secs = 3600.0;
+        c.lookup.listen = vec![format!("unix:{}", lookup.display())];
+    });
+    let sock = env.dir.path().join("notify.sock");
+    let notes = Notes::listen(&sock);
+    let mut child = spawn(&cfg, &sock, &[], &env.dir.path().join("daemon.log"));
+    notes.wait_for("READY=1", |l| l == "READY=1").await;
+    let full_in = || {
+        let (_, text) = unix_get(&lookup, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("record_offload_disk_full_in_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no disk forecast gauge in\n{text}"))
+    };
+    let (status, body) = unix_get(&lookup, "/healthz");
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+
+    // Fill the disk at about 5 MB/s until the daemon warns.
+    let chunk = vec![7u8; 256 * 1024];
+    let start = Instant::now();
+    let mut i = 0;
+    let degraded = loop {
+        let _ = std::fs::write(env.root.join(format!("fill-{i}.dat")), &chunk);
+        i += 1;
+        let (status, body) = unix_get(&lookup, "/healthz");
+        if body.contains("degraded") {
+            break (status, body);
+        }
+        assert!(
+            start.elapsed() < T,
+            "no disk warning; last /healthz: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(degraded.0, 200, "{}", degraded.1);
+    assert!(degraded.1.contains("disk full in"), "{}", degraded.1);
+    let secs = full_in();
+    assert!(secs.is_finite() && secs < 3600.0, "forecast {secs}");
+    notes
+        .wait_for("STATUS= with the disk warning", |l| {
+            l.starts_with("STATUS=DISK FULL IN ")
+        })
+        .await;
+    // `status` shows the running daemon's forecast beside the free space, in text and JSON.
+    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("disk: "))
+        .unwrap_or_else(|| panic!("no disk line in\n{text}"));
+    assert!(
+        line.contains(" free of 64") && line.contains("; full in ") && line.contains("WARNING"),
+        "{line}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &j["disk"]["forecast"];
+    assert_eq!(f["warning"], true, "{j}");
+    assert!(f["full_in_secs"].as_f64().unwrap() < 3600.0, "{j}");
+    assert!(f["fill_rate_bytes_per_sec"].as_f64().unwrap() > 0.0, "{j}");
+    assert!(j["disk"]["size_bytes"].as_u64().unwrap() <= 64 << 20, "{j}");
+
+    // Freed again: the fill rate over the window is no longer positive.
+    for j in 0..i {
+        let _ = std::fs::remove_file(env.root.join(format!("fill-{j}.dat")));
+    }
+    wait_until("the disk warning clears", T, || {
+        let (status, body) = unix_get(&lookup, "/healthz");
+        status == 200 && body == r#"{"status":"ok"}"#
+    })
+    .await;
+    assert!(full_in().is_infinite());
+    assert!(terminate(&mut child).success());
+    // The daemon's last report stays beside the journal (`status` ignores it once stale).
+    let report = env.journal_path.with_file_name(format!(
+        "{}.disk",
+        env.journal_path.file_name().unwrap().to_string_lossy()
+    ));
+    assert!(report.exists(), "{}", report.display());
 }

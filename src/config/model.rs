@@ -57,6 +57,9 @@ pub struct WatchConfig {
     pub settle_secs: f64,
     pub rescan_interval_secs: f64,
     pub prune_after_secs: f64,
+    /// Warn (log, `/healthz` degraded, `STATUS=`, `status`) when the root's file system is
+    /// forecast full within this many seconds at the recent net fill rate (0: never).
+    pub disk_warn_secs: f64,
 }
 
 impl Default for WatchConfig {
@@ -72,6 +75,7 @@ impl Default for WatchConfig {
             settle_secs: 10.0,
             rescan_interval_secs: 300.0,
             prune_after_secs: 3600.0,
+            disk_warn_secs: 21600.0,
         }
     }
 }

@@ -29,6 +29,7 @@ fn accepts_minimal_config() {
     let dir = tempfile::tempdir().unwrap();
     let s = from_toml_str(&base(dir.path(), &dir.path().join("j.db"))).unwrap();
     assert_eq!(s.config.upload.part_size_mib, 16);
+    assert_eq!(s.config.watch.disk_warn_secs, 21600.0);
     assert_eq!(s.secret, "s");
     assert!(!redacted_toml(&s).contains("= \"s\""));
     assert!(redacted_toml(&s).contains("<redacted>"));
@@ -51,6 +52,14 @@ fn rejects_each_bad_value_naming_the_key() {
     let ok = |tail: &str| with(r, &j, "", creds, tail);
     let cases: Vec<(String, &str)> = vec![
         (ok("[upload]\nbogus = 1"), "upload.bogus"),
+        (
+            with(r, &j, "disk_warn_secs = -5", creds, ""),
+            "watch.disk_warn_secs",
+        ),
+        (
+            with(r, &j, "disk_warn_secs = \"6h\"", creds, ""),
+            "watch.disk_warn_secs",
+        ),
         (ok("[upload]\npart_size_mib = 4"), "upload.part_size_mib"),
         (ok("[upload]\npart_size_mib = 5121"), "upload.part_size_mib"),
         (ok("[upload]\nconcurrency = 0"), "upload.concurrency"),

@@ -145,6 +145,12 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         0.0,
         365.0 * 86400.0,
     )?;
+    check_secs(
+        "watch.disk_warn_secs",
+        config.watch.disk_warn_secs,
+        0.0,
+        365.0 * 86400.0,
+    )?;
 
     // journal
     check_creatable("journal.path", &config.journal.path)?;

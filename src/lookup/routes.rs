@@ -166,7 +166,13 @@ async fn resolve(state: &AppState, req: &http::request::Parts) -> Response {
 
 fn healthz(state: &AppState) -> Response {
     match state.health.check() {
-        Ok(()) => json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
+        Ok(()) => match state.health.degraded() {
+            None => json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
+            Some(reason) => {
+                let body = serde_json::json!({"status": "degraded", "reason": reason});
+                json_response(StatusCode::OK, body.to_string().into_bytes())
+            }
+        },
         Err(reason) => {
             let body = serde_json::json!({"status": "unavailable", "reason": reason});
             json_response(

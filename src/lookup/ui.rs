@@ -29,7 +29,6 @@ use crate::config::{NotifyEndpoint, receiver_label};
 use crate::journal::{self, JournalError, State};
 use crate::lookup::auth::form_decode;
 use crate::lookup::resolve::now_unix;
-use crate::service::metrics;
 use crate::util::keys::KeyTemplate;
 
 /// How long a session token is valid.
@@ -337,10 +336,8 @@ fn gather(state: &AppState, query: Option<&[u8]>) -> Result<PageData, JournalErr
             .collect(),
         last_stored_ms,
         store_error,
-        disk: metrics::disk_space(&state.ui.root).ok(),
-        // Filled by the disk forecast (issue 14's branch adds the figure): seconds until the
-        // root's file system is forecast full at the current rate.
-        disk_forecast_secs: None,
+        disk: crate::service::disk::disk_space(&state.ui.root).ok(),
+        disk_forecast: crate::service::disk::latest(),
         health: None,
         session: None,
         notice: None,

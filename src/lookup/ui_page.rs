@@ -32,8 +32,8 @@ pub struct PageData {
     pub store_error: Option<(String, i64)>,
     /// (free, size) of the root's file system.
     pub disk: Option<(u64, u64)>,
-    /// Seconds until the root's file system is forecast full, when a forecast is available.
-    pub disk_forecast_secs: Option<u64>,
+    /// The running daemon's disk forecast, once it has sampled the root's file system.
+    pub disk_forecast: Option<crate::service::disk::DiskReport>,
     /// Why the daemon is unhealthy (`None`: healthy).
     pub health: Option<String>,
     /// The session token of a client that may act (see `super::ui`).
@@ -348,11 +348,20 @@ fn health(h: &mut String, d: &PageData) {
         }
         None => h.push_str("<p class=muted>free space unknown</p>"),
     }
-    match d.disk_forecast_secs {
-        Some(s) => {
-            let _ = write!(h, "<p id=forecast>forecast full in {}</p>", human_age(s));
-        }
-        None => h.push_str("<p class=muted id=forecast>no disk forecast available</p>"),
+    match &d.disk_forecast {
+        Some(r) => match (r.full_in_secs, r.fill_rate_bytes_per_sec) {
+            (Some(s), Some(rate)) => {
+                let _ = write!(
+                    h,
+                    "<p id=forecast{}>forecast full in {} (filling at {}/s)</p>",
+                    if r.warning { " class=bad" } else { "" },
+                    human_age(s as u64),
+                    human_bytes(rate.max(0.0) as u64)
+                );
+            }
+            _ => h.push_str("<p class=ok id=forecast>not filling</p>"),
+        },
+        None => h.push_str("<p class=muted id=forecast>no disk forecast yet</p>"),
     }
     h.push_str("</section><section><h2>Notifications</h2>");
     if d.receivers.is_empty() {

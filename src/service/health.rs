@@ -85,6 +85,8 @@ pub struct Liveness {
     allowance: Duration,
     /// [`RUNNING`], [`STOPPING`] or [`STOPPED`].
     phase: AtomicU8,
+    /// Why the daemon runs but needs attention (the disk forecast, `super::monitor`).
+    degraded: std::sync::Mutex<Option<String>>,
 }
 
 const RUNNING: u8 = 0;
@@ -103,7 +105,21 @@ impl Liveness {
             stages,
             allowance,
             phase: AtomicU8::new(RUNNING),
+            degraded: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Sets or clears the reason `/healthz` reports the daemon degraded (still 200).
+    pub fn set_degraded(&self, reason: Option<String>) {
+        *self.degraded.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Why the daemon is degraded, if it is.
+    pub fn degraded_reason(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn allowance(&self) -> Duration {
@@ -182,6 +198,12 @@ impl Liveness {
 /// What `/healthz` asks: `Err(reason)` makes it answer 503 with that reason.
 pub trait HealthCheck: Send + Sync {
     fn check(&self) -> Result<(), String>;
+
+    /// When `check` passes: why the daemon still needs attention (answered with 200 and
+    /// `"status":"degraded"`).
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 impl HealthCheck for Liveness {
@@ -191,6 +213,10 @@ impl HealthCheck for Liveness {
             None => Ok(()),
             Some(reason) => Err(format!("{}: {reason}", h.status)),
         }
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.degraded_reason()
     }
 }
 

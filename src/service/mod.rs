@@ -4,6 +4,7 @@
 //!
 //! The stages report here (heartbeats, counters); nothing here drives them.
 
+pub mod disk;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -4,6 +4,9 @@
 //! from the journal and the file system.
 
 use std::path::PathBuf;
+
+use super::disk::{DiskReport, Forecast, disk_space, is_warning, publish, set_latest};
+use crate::util::human::human_age;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -40,7 +43,15 @@ pub struct Monitor {
     pub journal: Journal,
     pub in_flight: Arc<InFlightGauge>,
     pub watch_root: PathBuf,
+    /// `<journal>.disk` ([`super::disk::report_path`]): the forecast for `status`.
+    pub disk_report: PathBuf,
+    /// `watch.disk_warn_secs`: a forecast under it is logged, degrades `/healthz` and shows
+    /// in `STATUS=`.
+    pub disk_warn_secs: f64,
 }
+
+/// The window the disk forecast's net fill rate is measured over.
+pub const DISK_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 impl Monitor {
     /// Runs until `stop`: the watchdog pings and the journal probe, plus (in a task of its
@@ -127,12 +138,14 @@ impl Monitor {
         // they are recounted at most every 100 times what the last count took (at least
         // every tick on small journals), so the refresh stays under 1% of a core.
         let mut stored: Option<(Queue, Instant, Duration)> = None;
+        let mut forecast = Forecast::new(DISK_WINDOW);
+        let mut disk_warning: Option<String> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            metrics::set_disk(&self.watch_root);
+            disk_warning = self.disk_forecast(&mut forecast, disk_warning);
             let count_stored = stored
                 .as_ref()
                 .is_none_or(|(_, at, took)| at.elapsed() >= (*took * 100).max(STATUS_EVERY));
@@ -171,8 +184,61 @@ impl Monitor {
             if self.liveness.is_stopping() {
                 continue;
             }
-            let line = status_line(&q, self.in_flight.read(), self.liveness.stalled().as_ref());
+            let mut line = status_line(&q, self.in_flight.read(), self.liveness.stalled().as_ref());
+            if let Some(w) = &disk_warning {
+                line = format!("{}; {line}", w.to_uppercase());
+            }
             notify(&[NotifyState::Status(&line)]);
         }
+    }
+}
+
+impl Monitor {
+    /// Samples the watch root's free space and updates the forecast, the metrics, the report
+    /// for `status`, the log and `/healthz`. Returns the warning (`disk full in ...`) while the
+    /// forecast is under `watch.disk_warn_secs`.
+    fn disk_forecast(&self, forecast: &mut Forecast, was: Option<String>) -> Option<String> {
+        let (free, size) = match disk_space(&self.watch_root) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "cannot sample the watch root's free space");
+                return was;
+            }
+        };
+        metrics::set_disk(free, size);
+        forecast.push(Instant::now(), free);
+        let secs = forecast.seconds_to_full();
+        metrics::set_disk_full_in(secs);
+        let warning = match secs {
+            Some(s) if is_warning(secs, self.disk_warn_secs) => {
+                Some(format!("disk full in {}", human_age(s as u64)))
+            }
+            _ => None,
+        };
+        let report = DiskReport {
+            free_bytes: free,
+            size_bytes: size,
+            fill_rate_bytes_per_sec: forecast.fill_rate(),
+            full_in_secs: secs,
+            warn_secs: self.disk_warn_secs,
+            warning: warning.is_some(),
+            at_ms: crate::journal::now_ms(),
+        };
+        set_latest(&report);
+        if let Err(e) = publish(&self.disk_report, &report) {
+            debug!(error = %e, path = %self.disk_report.display(), "cannot write the disk report");
+        }
+        match (&was, &warning) {
+            (None, Some(w)) => warn!(
+                free_bytes = free,
+                seconds = secs.unwrap_or_default() as u64,
+                "{w} at the recent net fill rate (watch.disk_warn_secs = {}); nothing is deleted to make room",
+                self.disk_warn_secs
+            ),
+            (Some(_), None) => info!(free_bytes = free, "the disk forecast is clear again"),
+            _ => {}
+        }
+        self.liveness.set_degraded(warning.clone());
+        warning
     }
 }

@@ -79,6 +79,9 @@ impl Env {
         c.watch.settle_secs = 0.3;
         c.watch.rescan_interval_secs = 600.0;
         c.watch.prune_after_secs = 3600.0;
+        // The test host's disk fills and empties with the other tests and builds: no disk
+        // forecast warnings (degraded /healthz, STATUS= prefix) unless a test asks for them.
+        c.watch.disk_warn_secs = 0.0;
         c.journal.path = self.journal_path.clone();
         c.storage.endpoint = endpoint.to_string();
         c.storage.region = "us-east-1".to_string();
