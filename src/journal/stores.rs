@@ -65,6 +65,24 @@ pub fn abandoned_uploads(
     Ok(rows)
 }
 
+/// Records a multipart upload that is to be aborted unless its owner completes it: copy-back
+/// records the upload it opens on the primary before it sends the first part, so a crash
+/// leaves it recorded (aborted at the next start, once the store answers), never unknown.
+/// Copy-back forgets it ([`forget_abandoned`]) in the transaction that moves the row.
+pub fn record_abandoned(
+    conn: &Connection,
+    store: StoreId,
+    key: &str,
+    upload_id: &str,
+) -> Result<(), JournalError> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO abandoned_uploads (store, key, upload_id, since_ms)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![store.as_str(), key, upload_id, now_ms()])?;
+    Ok(())
+}
+
 /// An abandoned upload was aborted (or the store no longer knows it).
 pub fn forget_abandoned(
     conn: &Connection,

@@ -5,8 +5,11 @@
 //! - Rows that were waiting to settle again go back to the watcher if their file is still
 //!   there, or become `vanished` ([`settling_still_on_disk`], [`resettle`]).
 //! - Multipart uploads this node left in the bucket without a journal row are aborted, where
-//!   the store can list them; only then does the uploader start, so an upload it creates is
-//!   never taken for a stray one ([`abort_strays_then_upload`]).
+//!   the store can list them (the primary, and the standby when there is one); only then do
+//!   the uploader and copy-back start, so an upload they create is never taken for a stray
+//!   one ([`abort_strays_then_upload`]). Uploads the journal lists in `abandoned_uploads` (a
+//!   failover, an interrupted copy-back) are aborted by the failover loop once their store
+//!   answers.
 //!
 //! Rows that were `uploading` need nothing: they are due, and resume from their parts.
 
@@ -81,8 +84,8 @@ pub async fn resettle(paths: Vec<PathBuf>, tx: mpsc::Sender<PathBuf>, cancel: Ca
     }
 }
 
-/// Aborts the multipart uploads under `prefix` the journal does not know, then runs the
-/// uploader until `cancel`. A store that does not answer delays uploads by at most one
+/// Aborts the multipart uploads under `prefix` the journal does not know (on the primary, and
+/// on the standby when there is one), then runs the uploader and copy-back until `cancel`. A store that does not answer delays uploads by at most one
 /// request timeout; a stop that comes during the clean-up lets it finish within
 /// `upload.drain_secs` (it is a listing and a few aborts, work in progress like an upload's
 /// last part), else the next start does it.
@@ -93,7 +96,17 @@ pub async fn abort_strays_then_upload(
 ) {
     let drain = Duration::from_secs_f64(uploader.settings.config.upload.drain_secs);
     {
-        let cleanup = abort_stray_uploads(&uploader.store, &uploader.journal, &prefix);
+        let cleanup = async {
+            let standby = async {
+                if let Some(sb) = &uploader.standby {
+                    abort_stray_uploads(sb, &uploader.journal, &prefix).await;
+                }
+            };
+            tokio::join!(
+                abort_stray_uploads(&uploader.store, &uploader.journal, &prefix),
+                standby
+            );
+        };
         tokio::pin!(cleanup);
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -109,7 +122,11 @@ pub async fn abort_strays_then_upload(
             }
         }
     }
-    uploader.run(cancel).await;
+    // Copy-back (when configured) starts only now, too: its uploads are never strays.
+    tokio::join!(
+        uploader.clone().run(cancel.clone()),
+        uploader.clone().run_copy_back(cancel)
+    );
 }
 
 /// Aborts multipart uploads under this node's prefix that the journal does not know (left by

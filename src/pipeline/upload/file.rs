@@ -19,6 +19,8 @@ impl Uploader {
         row: &mut FileRow,
         cancel: &CancellationToken,
     ) -> Result<Outcome, TaskError> {
+        // Its former stored object may be being copied back: that copy stops first.
+        self.stop_copy_back_of(row.id).await;
         if let Some(refused) = self.take_current_key(row).await? {
             return Ok(refused);
         }
