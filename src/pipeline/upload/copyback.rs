@@ -334,6 +334,13 @@ impl Uploader {
             if cancel.is_cancelled() {
                 return;
             }
+            // Failed over: nothing to do until the primary answers again.
+            if self.failover.is_active() {
+                if sleep_or_cancel(idle.min(Duration::from_secs(1)), &cancel).await {
+                    return;
+                }
+                continue;
+            }
             let batch = match self.copy_back_batch(resting.len()).await {
                 Ok(b) => b,
                 Err(e) => {

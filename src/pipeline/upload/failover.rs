@@ -162,9 +162,13 @@ impl Uploader {
                         warn!(error = %e, "cannot record the abort");
                     }
                 }
-                Err(e) => {
+                // The store does not answer: the others wait for the next round too.
+                Err(e) if e.kind == ErrorKind::Transient => {
                     tracing::debug!(store = %store, error = %e, "cannot abort an abandoned upload yet");
                     return;
+                }
+                Err(e) => {
+                    warn!(store = %store, key = %key, upload_id = %upload_id, error = %e, "cannot abort an abandoned upload; trying again at the next round");
                 }
             }
         }
