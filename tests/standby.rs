@@ -283,9 +283,9 @@ async fn copy_back_moves_the_standby_objects_while_every_url_plays() {
         })
     };
 
-    // The primary answers again, at 4 MiB/s: copying the large object takes a few seconds.
+    // The primary answers again, at 2 MiB/s: each 5 MiB part of the large object takes 2.5 s.
     primary.set(Fault::Throttle {
-        bytes_per_sec: 4 * MIB as u64,
+        bytes_per_sec: 2 * MIB as u64,
     });
     wait_until("failback", T, || !d.uploader.failover.is_active()).await;
     // Once the first part of the large object is on the primary, a new recording arrives.

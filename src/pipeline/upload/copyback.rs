@@ -851,3 +851,52 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
         _ = tokio::time::sleep(d) => false,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    async fn relay(data: &'static [u8], expect: u64) -> (Result<Vec<u8>, String>, Seen) {
+        let limit = Bandwidth::new(64 * 1024 * 1024).map(Arc::new);
+        let (body, seen) = Relay::body(
+            SdkBody::from(Bytes::from_static(data)),
+            expect,
+            Md5Pair::new(),
+            crc64fast::Digest::new(),
+            limit,
+        );
+        let Body::Stream { body, len } = body else {
+            panic!("not a stream");
+        };
+        assert_eq!(len, expect);
+        let got = aws_sdk_s3::primitives::ByteStream::new(body)
+            .collect()
+            .await
+            .map(|b| b.into_bytes().to_vec())
+            .map_err(|e| e.to_string());
+        let seen = seen.lock().unwrap().clone();
+        (got, seen)
+    }
+
+    /// The bytes pass unchanged, hashed (MD5, CRC-64) on the way; a source shorter or longer
+    /// than announced fails the body and is blamed on the source.
+    #[tokio::test]
+    async fn a_relay_hashes_what_passes_and_refuses_the_wrong_length() {
+        let data: &'static [u8] = b"123456789";
+        let (got, seen) = relay(data, 9).await;
+        assert_eq!(got.unwrap(), data);
+        assert_eq!(seen.bytes, 9);
+        assert_eq!(seen.md5.finish_whole(), crate::util::md5pair::md5(data));
+        assert_eq!(seen.crc.sum64(), 0x995d_c9bb_df19_39fa);
+        assert!(seen.source_error.is_none());
+
+        let (got, seen) = relay(data, 10).await;
+        assert!(got.is_err());
+        assert!(seen.source_error.unwrap().contains("ended after 9 of 10"));
+
+        let (got, seen) = relay(data, 8).await;
+        assert!(got.is_err());
+        assert!(seen.source_error.unwrap().contains("more than"));
+    }
+}
