@@ -46,7 +46,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -82,6 +82,9 @@ pub struct CopyBack {
     current: Mutex<Option<(i64, CancellationToken)>>,
     /// The multipart uploads copy-back has open on the primary in this process.
     uploads: Mutex<HashSet<String>>,
+    /// Files this process stored on the standby: copy-back reads the journal again only when
+    /// this changed since a read found nothing to copy (the query scans the stored rows).
+    stored_on_standby: AtomicU64,
 }
 
 impl CopyBack {
@@ -104,6 +107,11 @@ impl CopyBack {
         if let Ok(mut u) = self.uploads.lock() {
             u.remove(upload_id);
         }
+    }
+
+    /// A file was stored on the standby.
+    pub fn stored_on_standby(&self) {
+        self.stored_on_standby.fetch_add(1, Ordering::Relaxed);
     }
 
     fn copying(&self) -> Option<(i64, CancellationToken)> {
@@ -330,6 +338,8 @@ impl Uploader {
         // Rows that cannot be copied as they are, and when to try them again.
         let mut resting: HashMap<i64, Instant> = HashMap::new();
         let mut announced = false;
+        // `stored_on_standby` when the journal last had nothing to copy (`None`: read it).
+        let mut nothing_since: Option<u64> = None;
         loop {
             if cancel.is_cancelled() {
                 return;
@@ -337,6 +347,13 @@ impl Uploader {
             // Failed over: nothing to do until the primary answers again.
             if self.failover.is_active() {
                 if sleep_or_cancel(idle.min(Duration::from_secs(1)), &cancel).await {
+                    return;
+                }
+                continue;
+            }
+            let stored = self.copy_back.stored_on_standby.load(Ordering::Relaxed);
+            if nothing_since == Some(stored) {
+                if sleep_or_cancel(idle, &cancel).await {
                     return;
                 }
                 continue;
@@ -353,6 +370,7 @@ impl Uploader {
             };
             let (mut pending, rows) = batch;
             metrics::copy_back_pending(pending);
+            nothing_since = pending.eq(&0).then_some(stored);
             let now = Instant::now();
             resting.retain(|_, until| *until > now);
             let rows: Vec<FileRow> = rows
@@ -424,8 +442,11 @@ impl Uploader {
     async fn copy_back_batch(&self, skip: usize) -> Result<(u64, Vec<FileRow>), JournalError> {
         self.journal
             .read(move |c| {
-                let (_, on_standby) = journal::stored_per_store(c)?;
                 let rows = journal::stored_on(c, StoreId::Standby, BATCH + skip)?;
+                if rows.is_empty() {
+                    return Ok((0, rows));
+                }
+                let (_, on_standby) = journal::stored_per_store(c)?;
                 Ok((on_standby, rows))
             })
             .await
