@@ -506,8 +506,9 @@ fn a_standby_identical_to_the_primary_is_refused() {
         ("https://s3.oss-cn-hangzhou.aliyuncs.com", "rec-standby"),
         ("https://s3.oss-cn-hangzhou.aliyuncs.com:8443", "rec"),
     ] {
-        let s = from_toml_str(&standby(endpoint, bucket))
-            .unwrap_or_else(|e| panic!("{endpoint} {bucket}: {e}"));
+        let s = from_toml_str(&standby(endpoint, bucket));
+        assert!(s.is_ok(), "{endpoint} {bucket}: {:?}", s.as_ref().err());
+        let s = s.unwrap();
         let sb = s.standby.as_ref().expect("a standby");
         assert_eq!(sb.config.storage.bucket, bucket);
         assert_eq!(sb.secret, "s2");
