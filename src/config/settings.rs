@@ -87,13 +87,6 @@ impl Settings {
                 st.endpoint
             ));
         }
-        if st.standby.as_ref().is_some_and(|sb| sb.copy_back) {
-            out.push(
-                "storage.standby.copy_back = true is not carried out by this version: objects \
-                 stored on the standby stay there (and keep playing from it)"
-                    .to_string(),
-            );
-        }
         out
     }
 

@@ -482,3 +482,50 @@ fn notify_entries_are_checked_and_their_secrets_redacted() {
         "from-a-file-0123456789"
     );
 }
+
+/// `[storage.standby]`: a standby that is the primary again (same endpoint host and port, in
+/// any spelling, and the same bucket) is refused naming the section; another bucket or another
+/// endpoint is a standby. `copy_back` is carried out, so it draws no warning.
+#[test]
+fn a_standby_identical_to_the_primary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, j) = (dir.path(), dir.path().join("j.db"));
+    let primary = "endpoint = \"https://s3.oss-cn-hangzhou.aliyuncs.com\"\nregion = \"cn-hangzhou\"\nbucket = \"rec\"\naccess_key_id = \"id\"\naccess_key_secret = \"s\"";
+    let standby = |endpoint: &str, bucket: &str| {
+        with(
+            r,
+            &j,
+            "",
+            primary,
+            &format!(
+                "[storage.standby]\nendpoint = {endpoint:?}\nregion = \"cn-hangzhou\"\nbucket = {bucket:?}\naccess_key_id = \"id2\"\naccess_key_secret = \"s2\"\ncopy_back = true"
+            ),
+        )
+    };
+    for endpoint in [
+        "https://s3.oss-cn-hangzhou.aliyuncs.com",
+        "https://S3.OSS-CN-HANGZHOU.aliyuncs.com/",
+        "https://s3.oss-cn-hangzhou.aliyuncs.com:443",
+    ] {
+        let e = err_of(&standby(endpoint, "rec"));
+        assert_eq!(e.key, "storage.standby", "{endpoint}: {e}");
+        assert!(e.message.contains("primary"), "{e}");
+    }
+    for (endpoint, bucket) in [
+        ("https://s3.oss-cn-hangzhou.aliyuncs.com", "rec-standby"),
+        ("https://s3.oss-cn-hangzhou.aliyuncs.com:8443", "rec"),
+    ] {
+        let s = from_toml_str(&standby(endpoint, bucket));
+        assert!(s.is_ok(), "{endpoint} {bucket}: {:?}", s.as_ref().err());
+        let s = s.unwrap();
+        let sb = s.standby.as_ref().expect("a standby");
+        assert_eq!(sb.config.storage.bucket, bucket);
+        assert_eq!(sb.secret, "s2");
+        assert!(s.config.storage.standby.as_ref().unwrap().copy_back);
+        assert!(
+            s.warnings().iter().all(|w| !w.contains("copy_back")),
+            "{:?}",
+            s.warnings()
+        );
+    }
+}

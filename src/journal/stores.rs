@@ -65,6 +65,24 @@ pub fn abandoned_uploads(
     Ok(rows)
 }
 
+/// Records a multipart upload that is to be aborted unless its owner completes it: copy-back
+/// records the upload it opens on the primary before it sends the first part, so a crash
+/// leaves it recorded (aborted at the next start, once the store answers), never unknown.
+/// Copy-back forgets it ([`forget_abandoned`]) in the transaction that moves the row.
+pub fn record_abandoned(
+    conn: &Connection,
+    store: StoreId,
+    key: &str,
+    upload_id: &str,
+) -> Result<(), JournalError> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO abandoned_uploads (store, key, upload_id, since_ms)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![store.as_str(), key, upload_id, now_ms()])?;
+    Ok(())
+}
+
 /// An abandoned upload was aborted (or the store no longer knows it).
 pub fn forget_abandoned(
     conn: &Connection,
@@ -128,4 +146,92 @@ pub fn move_stored(
             from.as_str()
         ])?;
     Ok(n == 1)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::journal::{get_by_path, intake, open_rw, set_settling, set_uploaded};
+    use crate::util::fs::Identity;
+
+    fn ident(size: u64) -> Identity {
+        Identity {
+            dev: 1,
+            ino: 2,
+            size,
+            mtime_ns: 3,
+        }
+    }
+
+    /// A row stored on `store`.
+    fn stored(conn: &Connection, rel: &str, store: StoreId) -> FileRow {
+        intake(conn, Path::new(rel), rel, &ident(10), true).unwrap();
+        let row = get_by_path(conn, Path::new(rel)).unwrap().unwrap();
+        assert!(set_upload_store(conn, row.id, row.generation, store).unwrap());
+        set_uploaded(conn, row.id, row.generation, &ident(10), "00ff", Some(7)).unwrap();
+        get_by_path(conn, Path::new(rel)).unwrap().unwrap()
+    }
+
+    /// Copy-back's move: only the stored row it read, still on the standby; oldest first.
+    #[test]
+    fn move_stored_moves_only_the_row_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_rw(&dir.path().join("j.db")).unwrap();
+        let a = stored(&conn, "a", StoreId::Standby);
+        let b = stored(&conn, "b", StoreId::Standby);
+        let p = stored(&conn, "p", StoreId::Primary);
+        let on = |c: &Connection| -> Vec<String> {
+            stored_on(c, StoreId::Standby, 10)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.key)
+                .collect()
+        };
+        assert_eq!(on(&conn), vec!["a", "b"]);
+        assert_eq!(stored_per_store(&conn).unwrap(), (1, 2));
+        assert_eq!(stored_on(&conn, StoreId::Standby, 1).unwrap().len(), 1);
+
+        // Moved once; the same move again finds nothing to do.
+        assert!(move_stored(&conn, &a, StoreId::Standby, StoreId::Primary).unwrap());
+        assert!(!move_stored(&conn, &a, StoreId::Standby, StoreId::Primary).unwrap());
+        assert_eq!(
+            get_by_path(&conn, Path::new("a")).unwrap().unwrap().store,
+            StoreId::Primary
+        );
+        // A row on the primary is not moved from the standby.
+        assert!(!move_stored(&conn, &p, StoreId::Standby, StoreId::Primary).unwrap());
+        // The file changed meanwhile (a new generation, waiting to settle): left as it is.
+        set_settling(&conn, b.id, b.generation).unwrap();
+        assert!(!move_stored(&conn, &b, StoreId::Standby, StoreId::Primary).unwrap());
+        let now = get_by_path(&conn, Path::new("b")).unwrap().unwrap();
+        assert_eq!(now.store, StoreId::Standby);
+        assert!(on(&conn).is_empty());
+        assert_eq!(stored_per_store(&conn).unwrap(), (2, 0));
+    }
+
+    /// Copy-back's record of its open upload, and forgetting it.
+    #[test]
+    fn abandoned_uploads_are_recorded_per_store_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_rw(&dir.path().join("j.db")).unwrap();
+        record_abandoned(&conn, StoreId::Primary, "k1", "u1").unwrap();
+        record_abandoned(&conn, StoreId::Primary, "k1", "u1").unwrap();
+        record_abandoned(&conn, StoreId::Standby, "k2", "u2").unwrap();
+        assert_eq!(
+            abandoned_uploads(&conn, StoreId::Primary).unwrap(),
+            vec![("k1".to_string(), "u1".to_string())]
+        );
+        forget_abandoned(&conn, StoreId::Standby, "u1").unwrap();
+        assert_eq!(abandoned_uploads(&conn, StoreId::Primary).unwrap().len(), 1);
+        forget_abandoned(&conn, StoreId::Primary, "u1").unwrap();
+        assert!(
+            abandoned_uploads(&conn, StoreId::Primary)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(abandoned_uploads(&conn, StoreId::Standby).unwrap().len(), 1);
+    }
 }

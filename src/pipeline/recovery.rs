@@ -5,8 +5,11 @@
 //! - Rows that were waiting to settle again go back to the watcher if their file is still
 //!   there, or become `vanished` ([`settling_still_on_disk`], [`resettle`]).
 //! - Multipart uploads this node left in the bucket without a journal row are aborted, where
-//!   the store can list them; only then does the uploader start, so an upload it creates is
-//!   never taken for a stray one ([`abort_strays_then_upload`]).
+//!   the store can list them (the primary, and the standby when there is one); only then do
+//!   the uploader and copy-back start, so an upload they create is never taken for a stray
+//!   one ([`abort_strays_then_upload`]). Uploads the journal lists in `abandoned_uploads` (a
+//!   failover, an interrupted copy-back) are aborted by the failover loop once their store
+//!   answers.
 //!
 //! Rows that were `uploading` need nothing: they are due, and resume from their parts.
 
@@ -20,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::upload::Uploader;
-use crate::journal::{self, Durability, Journal, JournalError, State};
+use crate::journal::{self, Durability, Journal, JournalError, State, StoreId};
 use crate::store::Store;
 use crate::util::fs::Root;
 
@@ -81,8 +84,8 @@ pub async fn resettle(paths: Vec<PathBuf>, tx: mpsc::Sender<PathBuf>, cancel: Ca
     }
 }
 
-/// Aborts the multipart uploads under `prefix` the journal does not know, then runs the
-/// uploader until `cancel`. A store that does not answer delays uploads by at most one
+/// Aborts the multipart uploads under `prefix` the journal does not know (on the primary, and
+/// on the standby when there is one), then runs the uploader and copy-back until `cancel`. A store that does not answer delays uploads by at most one
 /// request timeout; a stop that comes during the clean-up lets it finish within
 /// `upload.drain_secs` (it is a listing and a few aborts, work in progress like an upload's
 /// last part), else the next start does it.
@@ -93,7 +96,22 @@ pub async fn abort_strays_then_upload(
 ) {
     let drain = Duration::from_secs_f64(uploader.settings.config.upload.drain_secs);
     {
-        let cleanup = abort_stray_uploads(&uploader.store, &uploader.journal, &prefix);
+        let cleanup = async {
+            let standby = async {
+                if let Some(sb) = &uploader.standby {
+                    abort_stray_uploads(sb, StoreId::Standby, &uploader.journal, &prefix).await;
+                }
+            };
+            tokio::join!(
+                abort_stray_uploads(
+                    &uploader.store,
+                    StoreId::Primary,
+                    &uploader.journal,
+                    &prefix
+                ),
+                standby
+            );
+        };
         tokio::pin!(cleanup);
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -109,46 +127,84 @@ pub async fn abort_strays_then_upload(
             }
         }
     }
-    uploader.run(cancel).await;
+    // Copy-back (when configured) starts only now, too: its uploads are never strays.
+    tokio::join!(
+        uploader.clone().run(cancel.clone()),
+        uploader.clone().run_copy_back(cancel)
+    );
 }
 
-/// Aborts multipart uploads under this node's prefix that the journal does not know (left by
-/// a crash between creating an upload and recording it). Stores without
-/// ListMultipartUploads (OSS's S3 API) skip this; a bucket lifecycle rule covers them.
-async fn abort_stray_uploads(store: &Store, journal: &Journal, prefix: &str) {
+/// Aborts multipart uploads under this node's prefix on `store` that the journal does not
+/// know as uploads in progress (left by a crash between creating an upload and recording it,
+/// or recorded in `abandoned_uploads` by a failover or an interrupted copy-back), and forgets
+/// the `abandoned_uploads` records of that store whose upload is no longer there. Stores
+/// without ListMultipartUploads (OSS's S3 API) skip this; a bucket lifecycle rule covers
+/// strays there, and the failover loop aborts what `abandoned_uploads` lists.
+async fn abort_stray_uploads(store: &Store, id: StoreId, journal: &Journal, prefix: &str) {
     let listed = match store.list_multipart_uploads(prefix).await {
         Ok(Some(l)) => l,
         Ok(None) => {
             info!(
+                store = %id,
                 "the store cannot list multipart uploads; rely on a lifecycle rule for stray ones"
             );
             return;
         }
         Err(e) => {
-            warn!(error = %e, "cannot list multipart uploads; stray ones are left to the lifecycle rule");
+            warn!(store = %id, error = %e, "cannot list multipart uploads; stray ones are left to the lifecycle rule");
             return;
         }
     };
-    if listed.is_empty() {
-        return;
-    }
-    let known: HashSet<String> = match journal.read(journal::open_upload_ids).await {
+    let read = journal
+        .read(move |c| {
+            Ok((
+                journal::open_upload_ids(c)?,
+                journal::abandoned_uploads(c, id)?,
+            ))
+        })
+        .await;
+    let (known, abandoned): (HashSet<String>, Vec<(String, String)>) = match read {
         Ok(k) => k,
         Err(e) => {
             warn!(error = %e, "cannot read the journal to find stray uploads");
             return;
         }
     };
-    for (key, upload_id) in listed {
-        if known.contains(&upload_id) {
+    let open: HashSet<&str> = listed.iter().map(|(_, u)| u.as_str()).collect();
+    // Recorded as abandoned, but gone already (some servers answer the abort of a gone
+    // upload with a refusal rather than NoSuchUpload: it would never be forgotten).
+    let mut forget: Vec<String> = abandoned
+        .iter()
+        .filter(|(_, u)| !open.contains(u.as_str()))
+        .map(|(_, u)| u.clone())
+        .collect();
+    for (key, upload_id) in &listed {
+        if known.contains(upload_id) {
             continue;
         }
-        match store.abort_multipart(&key, &upload_id).await {
+        match store.abort_multipart(key, upload_id).await {
             Ok(()) => {
-                info!(key = %key, upload_id = %upload_id, "aborted a multipart upload the journal does not know")
+                info!(store = %id, key = %key, upload_id = %upload_id, "aborted a multipart upload the journal does not know as in progress");
+                forget.push(upload_id.clone());
             }
-            Err(e) => warn!(key = %key, error = %e, "cannot abort a stray multipart upload"),
+            Err(e) => {
+                warn!(store = %id, key = %key, error = %e, "cannot abort a stray multipart upload")
+            }
         }
+    }
+    if forget.is_empty() {
+        return;
+    }
+    let res = journal
+        .write(Durability::Normal, move |c| {
+            for u in &forget {
+                journal::forget_abandoned(c, id, u)?;
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(e) = res {
+        warn!(error = %e, "cannot record the aborted uploads");
     }
 }
 

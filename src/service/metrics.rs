@@ -25,6 +25,9 @@
 //! | `record_offload_watch_root_free_bytes`, `..._size_bytes` | gauge | |
 //! | `record_offload_stage_heartbeat_age_seconds` | gauge | `stage` |
 //! | `record_offload_healthy` | gauge | |
+//! | `record_offload_failed_over` | gauge | |
+//! | `record_offload_copy_back_pending` | gauge | |
+//! | `record_offload_copy_back_copied_total`, `..._copy_back_bytes_total` | counter | |
 //! | `record_offload_notify_backlog`, `..._notify_oldest_seconds` | gauge | `receiver` |
 //! | `record_offload_notify_delivered_total` | counter | `receiver` |
 //! | `record_offload_notify_failures_total` | counter | `receiver`, `reason` |
@@ -81,6 +84,9 @@ struct Metrics {
     heartbeat_age: prometheus::GaugeVec,
     healthy: IntGauge,
     failed_over: IntGauge,
+    copy_back_pending: IntGauge,
+    copy_back_copied: IntCounter,
+    copy_back_bytes: IntCounter,
     notify_backlog: IntGaugeVec,
     notify_oldest: IntGaugeVec,
     notify_delivered: IntCounterVec,
@@ -167,6 +173,18 @@ impl Metrics {
             "failed_over",
             "1 while uploads go to the standby store because the primary fails.",
         )?;
+        let copy_back_pending = IntGauge::new(
+            "copy_back_pending",
+            "Objects stored on the standby that copy-back has still to copy to the primary (0 without copy-back).",
+        )?;
+        let copy_back_copied = IntCounter::new(
+            "copy_back_copied_total",
+            "Objects copied back from the standby to the primary, checked, and their rows moved.",
+        )?;
+        let copy_back_bytes = IntCounter::new(
+            "copy_back_bytes_total",
+            "Bytes copy-back sent to the primary (parts and objects it acknowledged).",
+        )?;
         let notify_backlog = IntGaugeVec::new(
             Opts::new(
                 "notify_backlog",
@@ -225,6 +243,9 @@ impl Metrics {
         registry.register(Box::new(heartbeat_age.clone()))?;
         registry.register(Box::new(healthy.clone()))?;
         registry.register(Box::new(failed_over.clone()))?;
+        registry.register(Box::new(copy_back_pending.clone()))?;
+        registry.register(Box::new(copy_back_copied.clone()))?;
+        registry.register(Box::new(copy_back_bytes.clone()))?;
         registry.register(Box::new(notify_backlog.clone()))?;
         registry.register(Box::new(notify_oldest.clone()))?;
         registry.register(Box::new(notify_delivered.clone()))?;
@@ -249,6 +270,9 @@ impl Metrics {
             heartbeat_age,
             healthy,
             failed_over,
+            copy_back_pending,
+            copy_back_copied,
+            copy_back_bytes,
             notify_backlog,
             notify_oldest,
             notify_delivered,
@@ -319,6 +343,24 @@ pub fn upload_complete(bytes: u64, elapsed: Duration) {
 /// Whether uploads go to the standby store.
 pub fn set_failed_over(on: bool) {
     with(|m| m.failed_over.set(i64::from(on)));
+}
+
+/// Objects stored on the standby, waiting for copy-back.
+pub fn copy_back_pending(n: u64) {
+    with(|m| {
+        m.copy_back_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX))
+    });
+}
+
+/// An object copied back to the primary (its row moved).
+pub fn copy_back_copied() {
+    with(|m| m.copy_back_copied.inc());
+}
+
+/// Bytes copy-back sent to the primary and had acknowledged.
+pub fn copy_back_bytes(bytes: u64) {
+    with(|m| m.copy_back_bytes.inc_by(bytes));
 }
 
 /// A request or attempt that will be retried.

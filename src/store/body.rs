@@ -1,4 +1,5 @@
-//! Request bodies: a range of an open file read while it is sent, or bytes in memory.
+//! Request bodies: a range of an open file read while it is sent, bytes in memory, or a body
+//! streamed from elsewhere (copy-back relays another store's GET).
 
 use std::fs::File;
 use std::pin::Pin;
@@ -11,12 +12,15 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 /// What a request that carries data sends.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Body {
     /// A range of an open file, read while it is sent.
     File(FileRange),
     /// Bytes already in memory (small objects, read once for hashing and sending).
     Bytes(Bytes),
+    /// A body of exactly `len` bytes produced while it is sent (copy-back: another store's
+    /// GET, relayed); it cannot be sent twice.
+    Stream { body: SdkBody, len: u64 },
 }
 
 impl Body {
@@ -24,6 +28,7 @@ impl Body {
         match self {
             Body::File(r) => r.len,
             Body::Bytes(b) => b.len() as u64,
+            Body::Stream { len, .. } => *len,
         }
     }
 
@@ -35,6 +40,7 @@ impl Body {
         match self {
             Body::File(r) => file_body(r),
             Body::Bytes(b) => ByteStream::from(b),
+            Body::Stream { body, .. } => ByteStream::new(body),
         }
     }
 }

@@ -132,14 +132,15 @@ impl Store {
     }
 
     /// Stores a whole object in one request. The answer's ETag must equal `md5` (unless the
-    /// store's ETags are not MD5s, see `etag_is_md5`), and its CRC-64 `crc64` when it sends one.
+    /// store's ETags are not MD5s, see `etag_is_md5`), and its CRC-64 `crc64` when it sends one
+    /// and `crc64` is known.
     pub async fn put_object(
         &self,
         key: &str,
         rel: &std::path::Path,
         body: Body,
         md5: &[u8; 16],
-        crc64: u64,
+        crc64: Option<u64>,
         metadata: &[(&str, String)],
     ) -> Result<Stored, StoreError> {
         let len = body.len();
@@ -178,7 +179,9 @@ impl Store {
                 etag: Some(etag),
                 crc64: crc.get(),
             };
-            check_crc64("PutObject", stored.crc64, crc64)?;
+            if let Some(want) = crc64 {
+                check_crc64("PutObject", stored.crc64, want)?;
+            }
             Ok(stored)
         })
         .await
@@ -252,6 +255,77 @@ impl Store {
                 .await
                 .map_err(|e| from_sdk("UploadPart", e))?;
             self.check_etag("UploadPart", out.e_tag(), md5)
+        })
+        .await
+    }
+
+    /// Sends one part whose MD5 is not known before it is sent (a body streamed from
+    /// elsewhere): no `Content-MD5`. Returns the ETag as the store gave it, for the caller to
+    /// check with [`Store::check_etag`] once the body's MD5 is known.
+    pub async fn upload_part_streamed(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Body,
+    ) -> Result<String, StoreError> {
+        let len = body.len();
+        let req = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .content_length(len as i64)
+            .body(body.into_stream());
+        self.timed("UploadPart", len, async {
+            let out = req
+                .customize()
+                .disable_payload_signing()
+                .send()
+                .await
+                .map_err(|e| from_sdk("UploadPart", e))?;
+            out.e_tag().map(str::to_string).ok_or_else(|| {
+                StoreError::new("UploadPart", ErrorKind::Transient, "answer without an ETag")
+            })
+        })
+        .await
+    }
+
+    /// GET of an object, or of `len` bytes of it from `offset`: the body, to be read as it
+    /// arrives (never held whole), and the length the store announced. The deadline covers
+    /// the answer's head; the body is read under the deadline of whatever consumes it, so
+    /// stalled-stream protection is off for it (a consumer slowed by a bandwidth limit or a
+    /// slow upload is not a stall).
+    pub async fn get_stream(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<(aws_smithy_types::body::SdkBody, u64), StoreError> {
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_range(
+                range
+                    .filter(|(_, len)| *len > 0)
+                    .map(|(off, len)| format!("bytes={off}-{}", off + len - 1)),
+            );
+        self.timed("GetObject", 0, async {
+            let out = req
+                .customize()
+                .config_override(
+                    aws_sdk_s3::config::Config::builder().stalled_stream_protection(
+                        aws_sdk_s3::config::StalledStreamProtectionConfig::disabled(),
+                    ),
+                )
+                .send()
+                .await
+                .map_err(|e| from_sdk("GetObject", e))?;
+            let len = out.content_length().unwrap_or(0).max(0) as u64;
+            Ok((out.body.into_inner(), len))
         })
         .await
     }
@@ -461,7 +535,7 @@ fn b64(md5: &[u8; 16]) -> String {
 
 impl Store {
     /// Checks an answer's ETag against the MD5 of what was sent; returns it as the store gave it.
-    fn check_etag(
+    pub fn check_etag(
         &self,
         op: &'static str,
         etag: Option<&str>,

@@ -8,7 +8,9 @@
 //! its attempt to start over there. While failed over, [`Uploader::run_failover`] probes the
 //! primary (HeadBucket) every `storage.probe_secs`; the first answer fails back. It also
 //! aborts the multipart uploads abandoned on a store (recorded in the journal when a file
-//! moved to the other store) once that store answers.
+//! moved to the other store, or by a copy-back that did not finish, see `copyback`) once that
+//! store answers, from this run or a previous one; copy-back's upload in progress is left
+//! alone.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -142,9 +144,13 @@ impl Uploader {
             }
         };
         for (key, upload_id) in list {
+            // Copy-back's upload in progress: recorded only in case the process dies.
+            if self.copy_back.holds(&upload_id) {
+                continue;
+            }
             match self.store_of(store).abort_multipart(&key, &upload_id).await {
                 Ok(()) => {
-                    info!(store = %store, key = %key, upload_id = %upload_id, "aborted a multipart upload abandoned at failover");
+                    info!(store = %store, key = %key, upload_id = %upload_id, "aborted an abandoned multipart upload (left by a failover or an interrupted copy-back)");
                     let uid = upload_id.clone();
                     if let Err(e) = self
                         .journal
@@ -156,9 +162,13 @@ impl Uploader {
                         warn!(error = %e, "cannot record the abort");
                     }
                 }
-                Err(e) => {
+                // The store does not answer: the others wait for the next round too.
+                Err(e) if e.kind == ErrorKind::Transient => {
                     tracing::debug!(store = %store, error = %e, "cannot abort an abandoned upload yet");
                     return;
+                }
+                Err(e) => {
+                    warn!(store = %store, key = %key, upload_id = %upload_id, error = %e, "cannot abort an abandoned upload; trying again at the next round");
                 }
             }
         }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{Outcome, TaskError, Uploader, part_size_for};
-use crate::journal::{self, Durability, FileRow, JournalError, Rekey, State};
+use crate::journal::{self, Durability, FileRow, JournalError, Rekey, State, StoreId};
 use crate::service::metrics;
 use crate::util::fs::Identity;
 
@@ -19,6 +19,8 @@ impl Uploader {
         row: &mut FileRow,
         cancel: &CancellationToken,
     ) -> Result<Outcome, TaskError> {
+        // Its former stored object may be being copied back: that copy stops first.
+        self.stop_copy_back_of(row.id).await;
         if let Some(refused) = self.take_current_key(row).await? {
             return Ok(refused);
         }
@@ -103,6 +105,9 @@ impl Uploader {
                 .await?;
         }
         crate::util::failpoint::hit("after-uploaded");
+        if row.store == StoreId::Standby {
+            self.copy_back.stored_on_standby();
+        }
         self.stats.files_uploaded.fetch_add(1, Ordering::Relaxed);
         metrics::upload_complete(identity.size, started.elapsed());
         info!(

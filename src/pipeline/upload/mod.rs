@@ -54,8 +54,11 @@
 //! - `small`: files of one part, a single PutObject.
 //! - `multipart`: larger files: resume, parts, completion.
 //! - `failover`: the primary/standby tracker, the probe, abandoned uploads.
+//! - `copyback`: copying the standby's objects to the primary once it is back
+//!   (`storage.standby.copy_back`), at a share of the link that never delays uploads.
 //! - `hash`: reading and hashing (MD5s on the hashing thread, CRC-64 alongside).
 
+mod copyback;
 mod failover;
 mod file;
 mod hash;
@@ -66,7 +69,7 @@ mod small;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -74,6 +77,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+pub use copyback::CopyBack;
 pub use failover::Failover;
 
 use super::UploadStats;
@@ -206,6 +210,10 @@ pub struct Uploader {
     limit: Option<Arc<Bandwidth>>,
     /// `upload.windows`.
     windows: Windows,
+    /// Set by the scheduler while a due row waits or a file is in flight: copy-back waits.
+    busy: AtomicBool,
+    /// Copy-back's row and open uploads, shared with the upload tasks and the failover loop.
+    pub copy_back: CopyBack,
 }
 
 impl Uploader {
@@ -244,6 +252,8 @@ impl Uploader {
             stats,
             limit,
             windows,
+            busy: AtomicBool::new(false),
+            copy_back: CopyBack::default(),
         })
     }
 

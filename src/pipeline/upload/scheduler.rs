@@ -110,6 +110,9 @@ impl Uploader {
                 .in_flight
                 .files
                 .store(active.len() as u64, Ordering::Relaxed);
+            // Copy-back waits while anything is due or in flight (see `copyback`).
+            self.busy
+                .store(!active.is_empty() || !backlog.is_empty(), Ordering::Relaxed);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(done) = tasks.join_next_with_id() => {

@@ -90,7 +90,7 @@ impl Uploader {
             };
             let res = tokio::select! {
                 _ = cancel.cancelled() => return Err(TaskError::Interrupted),
-                r = self.store_of(row.store).put_object(&row.key, &row.path, body, &md5, crc64, &metadata) => r,
+                r = self.store_of(row.store).put_object(&row.key, &row.path, body, &md5, Some(crc64), &metadata) => r,
             };
             drop(held);
             match res {
