@@ -264,10 +264,26 @@ pub fn init_logging(level: &str) {
 }
 
 pub(super) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    one_malloc_arena();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("record-offload")
         .build()
+}
+
+/// Makes every thread allocate from glibc's one main arena (`M_ARENA_MAX = 1`), before the
+/// runtime starts its threads. By default each thread that allocates while another holds the
+/// arena gets an arena of its own (up to 8 per core), and each keeps the chunk buffers freed
+/// into it: on 8 × 256 MiB that was 15 arenas holding 20 MiB, against 12 MiB of live heap
+/// (heaptrack). One arena reuses the same few MiB; the daemon allocates about 10,000 times a
+/// second, too few for the arena's lock to be contended (README, "Memory.").
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; it is called before the
+    // runtime's threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -4,7 +4,7 @@
 //! could do; [`compress_lanes`] runs up to eight independent chains in vector registers for
 //! about the price of one (`cargo bench --bench md5pair`; figures in the README's
 //! Benchmarks). Upload tasks send their whole
-//! blocks here — a small file's bytes, or a 1 MiB chunk of a part with its part and whole-file
+//! blocks here — a small file's bytes, or a 512 KiB chunk of a part with its part and whole-file
 //! states — and whatever is waiting at the same moment is run side by side.
 //!
 //! Holding fewer jobs than it has lanes, the thread waits a moment ([`GATHER`] at most) for
