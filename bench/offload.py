@@ -11,7 +11,7 @@ Tools (each moves the same files to the same bucket and deletes them locally):
 rclone and s5cmd are installed by this script into a venv (--venv, default
 target/bench-venv), pinned to the versions below. `record-offload:c=8` (or `:part=64`, or both,
 `record-offload:c=16:part=32`) runs the daemon with another `upload.concurrency` or
-`upload.part_size_mib`.
+`upload.part_size_mib`; `:bin=PATH` runs another build of it (the one before a change, say).
 
 Networks (--nets), the same server process (`bench-s3`: the project's local S3-compatible
 server, s3s-fs on tmpfs; bench/shaper) for every tool:
@@ -263,11 +263,14 @@ def parse_tool(spec, args):
     name, *opts = spec.split(":")
     if name not in ["record-offload", *PEERS]:
         raise SystemExit(f"unknown tool {spec!r}")
-    conf = {"concurrency": args.concurrency, "part": args.part_size_mib}
+    conf = {"concurrency": args.concurrency, "part": args.part_size_mib, "bin": None}
     for o in opts:
         k, _, v = o.partition("=")
+        if name == "record-offload" and k == "bin" and os.access(v, os.X_OK):
+            conf["bin"] = v
+            continue
         if name != "record-offload" or k not in ("c", "part") or not v.isdigit():
-            raise SystemExit(f"bad tool option {o!r} in {spec!r} (record-offload:c=N:part=N)")
+            raise SystemExit(f"bad tool option {o!r} in {spec!r} (record-offload:c=N:part=N:bin=PATH)")
         conf["concurrency" if k == "c" else "part"] = int(v)
     return name, conf
 
@@ -387,7 +390,7 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
             env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
             start = time.time()
             t0 = time.monotonic()
-            proc = subprocess.Popen([bins["record-offload"], "run", "--config", cfg], env=env,
+            proc = subprocess.Popen([conf["bin"] or bins["record-offload"], "run", "--config", cfg], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if args.perf and spec == "record-offload":
                 os.makedirs(args.perf, exist_ok=True)
@@ -673,7 +676,7 @@ def main():
     ap.add_argument("--nets", default="http,https,link",
                     help="comma-separated: http, https, link, proxy")
     ap.add_argument("--tools", default="record-offload,rclone,s5cmd",
-                    help="comma-separated: record-offload[:c=N][:part=N], rclone, s5cmd, "
+                    help="comma-separated: record-offload[:c=N][:part=N][:bin=PATH], rclone, s5cmd, "
                          "rclone-system (the rclone on PATH)")
     ap.add_argument("--rounds", "--runs", type=int, default=3,
                     help="rounds per case and network; medians are printed")

@@ -496,3 +496,74 @@ async fn small_files_go_many_at_once_parts_stay_within_concurrency() {
     d.shutdown();
     d.wait().await;
 }
+
+/// Slots to send go to the oldest file first: in a batch of large files written at once the
+/// first file's parts go out before the others', so it completes (and the store's work to
+/// complete it overlaps later transfers) long before the batch ends, and files complete in
+/// the order they were recorded. With slots handed out in the order parts asked for them the
+/// files' parts interleave and every file completes at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_go_out_oldest_first_and_complete_one_after_another() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    proxy.set(Fault::DelayResponse(Duration::from_millis(300)));
+    // Written before the daemon starts: its start-up scan queues all four at once, so they
+    // compete for slots from the first request.
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("big/f{i}.mp4"), bytes(50 * 1024 * 1024, 700 + i)))
+        .collect();
+    for (rel, data) in &files {
+        env.write(rel, data);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = env
+        .start(env.config_at(&format!("http://{}", proxy.addr()), |c| {
+            c.upload.part_size_mib = 5;
+            c.upload.concurrency = 2;
+        }))
+        .await;
+    for (rel, data) in &files {
+        let row = env.wait_state(rel, State::Deleted, T).await;
+        assert_eq!(row.md5.as_deref(), Some(md5_hex(data).as_str()), "{rel}");
+    }
+    // Which key each upload id belongs to, and each key's journal id.
+    let log = env.server.requests();
+    let mut key_of = BTreeMap::new();
+    let id_of: BTreeMap<String, i64> = files
+        .iter()
+        .map(|(rel, _)| (env.key(rel), env.row(rel).unwrap().id))
+        .collect();
+    let mut parts_before_first_completion = None;
+    let mut parts = 0;
+    let mut completed = Vec::new();
+    for r in &log {
+        let uid = url::form_urlencoded::parse(r.query.as_bytes())
+            .find(|(k, _)| k == "uploadId")
+            .map(|(_, v)| v.into_owned());
+        let key = id_of.keys().find(|k| r.path.ends_with(k.as_str())).cloned();
+        if let (Some(uid), Some(key)) = (uid, key) {
+            key_of.insert(uid, key.clone());
+            if r.method == "PUT" && r.has_param("partNumber") {
+                parts += 1;
+            } else if r.method == "POST" {
+                parts_before_first_completion.get_or_insert(parts);
+                completed.push(id_of[&key]);
+            }
+        }
+    }
+    assert_eq!(parts, 40, "4 files of 10 parts");
+    assert_eq!(completed.len(), 4);
+    let mut sorted = completed.clone();
+    sorted.sort();
+    assert_eq!(
+        completed, sorted,
+        "files completed out of the order recorded"
+    );
+    let first = parts_before_first_completion.unwrap();
+    assert!(
+        first <= 24,
+        "the first file completed only after {first} of 40 parts: parts interleaved"
+    );
+    d.shutdown();
+    d.wait().await;
+}

@@ -13,3 +13,4 @@ pub mod md5pair;
 pub mod media;
 pub mod net;
 pub mod throttle;
+pub mod turns;

@@ -73,7 +73,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -88,6 +88,7 @@ use crate::store::{Store, StoreError};
 use crate::util::fs::{Identity, Root};
 use crate::util::hasher::Hasher;
 use crate::util::throttle::{Bandwidth, Windows};
+use crate::util::turns::{Turn, Turns};
 
 /// S3 and OSS allow at most this many parts.
 pub const MAX_PARTS: u64 = 10_000;
@@ -195,11 +196,13 @@ pub struct Uploader {
     pub failover: Arc<Failover>,
     pub journal: Journal,
     pub root: Arc<Root>,
-    /// Data in flight: `upload.concurrency × UNITS_PER_PART` units, see [`send_units`].
-    permits: Arc<Semaphore>,
+    /// Data in flight: `upload.concurrency × UNITS_PER_PART` units, see [`send_units`];
+    /// served oldest file first (by journal id, see [`Turns`]).
+    permits: Arc<Turns>,
     /// Files and parts being read and hashed ahead of their request (twice as many as
-    /// `permits`), so hashing overlaps sending and several digests run side by side.
-    prepared: Arc<Semaphore>,
+    /// `permits`), so hashing overlaps sending and several digests run side by side; also
+    /// oldest file first.
+    prepared: Arc<Turns>,
     hasher: Arc<Hasher>,
     /// Woken when rows become due (intake, retries).
     pub wake: Arc<Notify>,
@@ -227,8 +230,8 @@ impl Uploader {
         stats: Arc<UploadStats>,
     ) -> Arc<Uploader> {
         let units = settings.config.upload.concurrency * UNITS_PER_PART as usize;
-        let permits = Arc::new(Semaphore::new(units));
-        let prepared = Arc::new(Semaphore::new(2 * settings.config.upload.concurrency));
+        let permits = Turns::new(units);
+        let prepared = Turns::new(2 * settings.config.upload.concurrency);
         let limit = Bandwidth::new(settings.config.upload.max_bytes_per_sec).map(Arc::new);
         let windows = settings.windows.clone();
         let standby = settings.standby.as_deref().map(Store::new);
@@ -351,28 +354,30 @@ impl Uploader {
         }
     }
 
-    /// A slot for a request that carries `len` bytes: inside an upload window, and its units
-    /// of the data in flight ([`send_units`]; a part takes one of `upload.concurrency`).
+    /// A slot for a request of file `id` that carries `len` bytes: inside an upload window,
+    /// and its units of the data in flight ([`send_units`]; a part takes one of
+    /// `upload.concurrency`), the oldest file's requests first.
     async fn acquire(
         &self,
+        id: i64,
         len: u64,
         cancel: &CancellationToken,
-    ) -> Result<OwnedSemaphorePermit, TaskError> {
+    ) -> Result<Turn, TaskError> {
         if !self.windows.wait_open(cancel).await {
             return Err(TaskError::Interrupted);
         }
-        let units = send_units(len, self.settings.part_size());
+        let units = send_units(len, self.settings.part_size()) as usize;
         tokio::select! {
             _ = cancel.cancelled() => Err(TaskError::Interrupted),
-            p = self.permits.clone().acquire_many_owned(units) => p.map_err(|_| TaskError::Interrupted),
+            t = self.permits.acquire(id.max(0) as u64, units) => Ok(t),
         }
     }
 
-    /// A turn to read and hash ahead of sending (see `prepared`).
-    async fn prepare(&self, cancel: &CancellationToken) -> Result<OwnedSemaphorePermit, TaskError> {
+    /// A turn for file `id` to read and hash ahead of sending (see `prepared`).
+    async fn prepare(&self, id: i64, cancel: &CancellationToken) -> Result<Turn, TaskError> {
         tokio::select! {
             _ = cancel.cancelled() => Err(TaskError::Interrupted),
-            p = self.prepared.clone().acquire_owned() => p.map_err(|_| TaskError::Interrupted),
+            t = self.prepared.acquire(id.max(0) as u64, 1) => Ok(t),
         }
     }
 

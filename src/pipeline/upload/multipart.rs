@@ -10,7 +10,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -22,6 +22,7 @@ use crate::store::{self, ErrorKind, FileRange, StoreError};
 use crate::util::fs::Identity;
 use crate::util::keys::{SOURCE_META, source_tag};
 use crate::util::md5pair::Md5Pair;
+use crate::util::turns::Turn;
 
 /// What ListParts said about an upload being resumed.
 enum Listing {
@@ -48,6 +49,10 @@ struct Upload {
     identity: Identity,
     upload_id: String,
 }
+
+/// Parts a file has read and hashed ahead of the one being sent (one waiting for a slot, one
+/// more queued behind it).
+const HASH_AHEAD: usize = 2;
 
 /// A part read and hashed, ready to be sent.
 #[derive(Debug, Clone, Copy)]
@@ -314,6 +319,11 @@ impl Uploader {
     /// Reads the parts in order (hashing them and the whole file) and sends those not in
     /// `done` concurrently; every part sent goes into `done`. Returns the whole file's MD5
     /// (hex) and CRC-64.
+    ///
+    /// Hashing runs in a task of its own up to [`HASH_AHEAD`] parts ahead of the part waiting
+    /// for its turn to be sent, so when a slot frees up the oldest file in flight (which the
+    /// slots go to first) has a part ready for it instead of letting a younger file's part in
+    /// while it hashes.
     async fn send_parts(
         self: &Arc<Self>,
         upload: &Arc<Upload>,
@@ -321,12 +331,16 @@ impl Uploader {
         done: &mut HashMap<i32, PartRow>,
         cancel: &CancellationToken,
     ) -> Result<(String, u64), TaskError> {
-        let size = upload.identity.size;
-        let mut pair = Some(Md5Pair::new());
-        let mut crc = Crc64::new();
+        let (tx, mut ready) = mpsc::channel::<Part>(HASH_AHEAD - 1);
+        // A JoinSet, so the hashing stops if this attempt is dropped.
+        let mut hashing: JoinSet<Result<(String, u64), TaskError>> = JoinSet::new();
+        {
+            let (me, upload, cancel) = (self.clone(), upload.clone(), cancel.clone());
+            hashing.spawn(async move { me.hash_parts(&upload, part_size, tx, &cancel).await });
+        }
         let mut senders: JoinSet<Result<PartRow, TaskError>> = JoinSet::new();
         let mut failure: Option<TaskError> = None;
-        for n in 1..=size.div_ceil(part_size) {
+        while let Some(part) = ready.recv().await {
             // Stop early when a part failed for good.
             while let Some(res) = senders.try_join_next() {
                 match res {
@@ -340,36 +354,19 @@ impl Uploader {
             if failure.is_some() {
                 break;
             }
-            let offset = (n - 1) * part_size;
-            let len = part_size.min(size - offset);
-            let number = n as i32;
-            // Hashed while earlier parts are still being sent; then a turn to send.
-            let prepared = self.prepare(cancel).await?;
-            let Some(p) = pair.take() else {
-                return Err(TaskError::Io("hash state lost".into()));
-            };
-            let (md5, p) = self
-                .hash_range(&upload.file, offset, len, p, &mut crc)
-                .await?;
-            pair = Some(p);
-            if let Some(p) = done.get(&number) {
-                if p.md5 == hex::encode(md5) && p.size == len {
+            if let Some(p) = done.get(&part.number) {
+                if p.md5 == hex::encode(part.md5) && p.size == part.len {
                     continue;
                 }
                 // The file no longer matches what was sent.
                 return Err(TaskError::Changed);
             }
-            let permit = self.acquire(len, cancel).await?;
-            drop(prepared);
-            let part = Part {
-                number,
-                offset,
-                len,
-                md5,
-            };
+            let permit = self.acquire(upload.row.id, part.len, cancel).await?;
             let (me, upload, cancel) = (self.clone(), upload.clone(), cancel.clone());
             senders.spawn(async move { me.send_part(&upload, part, permit, &cancel).await });
         }
+        // After a failure the hashing has nobody to hand parts to: it stops.
+        drop(ready);
         while let Some(res) = senders.join_next().await {
             match res {
                 Ok(Ok(p)) => {
@@ -383,15 +380,49 @@ impl Uploader {
                 Err(e) => failure = Some(TaskError::Io(e.to_string())),
             }
         }
+        let hashed = match hashing.join_next().await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => Err(TaskError::Io(e.to_string())),
+            None => Err(TaskError::Io("hash state lost".into())),
+        };
         if let Some(e) = failure {
             return Err(e);
         }
-        // Never an empty MD5 in the journal: a lost hash state is an error of this attempt.
-        let Some(pair) = pair else {
-            return Err(TaskError::Io("hash state lost".into()));
-        };
-        let md5_hex = hex::encode(pair.finish_whole());
-        Ok((md5_hex, crc.sum()))
+        hashed
+    }
+
+    /// Reads and hashes the parts in order, handing each to `ready` (at most [`HASH_AHEAD`]
+    /// parts ahead of the sender); a turn of `prepared` for each. Returns the whole file's
+    /// MD5 (hex) and CRC-64 once every part is hashed.
+    async fn hash_parts(
+        &self,
+        upload: &Upload,
+        part_size: u64,
+        ready: mpsc::Sender<Part>,
+        cancel: &CancellationToken,
+    ) -> Result<(String, u64), TaskError> {
+        let size = upload.identity.size;
+        let mut pair = Md5Pair::new();
+        let mut crc = Crc64::new();
+        for n in 1..=size.div_ceil(part_size) {
+            let offset = (n - 1) * part_size;
+            let len = part_size.min(size - offset);
+            // Room to hand the part on first, then a turn to read and hash it.
+            let room = ready.reserve().await.map_err(|_| TaskError::Interrupted)?;
+            let prepared = self.prepare(upload.row.id, cancel).await?;
+            let (md5, p) = self
+                .hash_range(&upload.file, offset, len, pair, &mut crc)
+                .await?;
+            pair = p;
+            drop(prepared);
+            room.send(Part {
+                number: n as i32,
+                offset,
+                len,
+                md5,
+            });
+        }
+        Ok((hex::encode(pair.finish_whole()), crc.sum()))
     }
 
     /// Sends one part (again, after transient errors) and commits it once the store
@@ -400,7 +431,7 @@ impl Uploader {
         &self,
         upload: &Upload,
         part: Part,
-        permit: OwnedSemaphorePermit,
+        permit: Turn,
         cancel: &CancellationToken,
     ) -> Result<PartRow, TaskError> {
         let row = &upload.row;
@@ -409,7 +440,7 @@ impl Uploader {
         loop {
             let held = match permit.take() {
                 Some(p) => p,
-                None => self.acquire(part.len, cancel).await?,
+                None => self.acquire(row.id, part.len, cancel).await?,
             };
             let body = FileRange {
                 file: upload.file.clone(),

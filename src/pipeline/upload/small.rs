@@ -32,7 +32,7 @@ impl Uploader {
         cancel: &CancellationToken,
     ) -> Result<(String, u64), TaskError> {
         let mut backoff = self.backoff();
-        let prepared = self.prepare(cancel).await?;
+        let prepared = self.prepare(row.id, cancel).await?;
         let size = identity.size;
         let mut crc = Crc64::new();
         // Under a bandwidth limit every body is streamed, so it can be paced.
@@ -67,7 +67,7 @@ impl Uploader {
             (md5, None)
         };
         let crc64 = crc.sum();
-        let permit = self.acquire(size, cancel).await?;
+        let permit = self.acquire(row.id, size, cancel).await?;
         drop(prepared);
         let mut permit = Some(permit);
         let metadata = [
@@ -77,7 +77,7 @@ impl Uploader {
         loop {
             let held = match permit.take() {
                 Some(p) => p,
-                None => self.acquire(size, cancel).await?,
+                None => self.acquire(row.id, size, cancel).await?,
             };
             let body = match &data {
                 Some(b) => Body::Bytes(b.clone()),
