@@ -65,6 +65,10 @@ use crate::util::keys::SOURCE_META;
 use crate::util::md5pair::Md5Pair;
 use crate::util::throttle::Bandwidth;
 
+/// Copy-back's key for the send slots: after every file's (see `crate::util::turns`), so a
+/// recording that arrives while a copy waits for a slot goes first.
+const COPY_PRIORITY: i64 = i64::MAX;
+
 /// Rows read from the journal at a time.
 const BATCH: usize = 64;
 /// How often a waiting copy-back looks again at the queue and the failover state.
@@ -575,7 +579,7 @@ impl Uploader {
         stop: &CancellationToken,
     ) -> Result<(), CopyError> {
         let permit = self
-            .acquire(row.size, stop)
+            .acquire(COPY_PRIORITY, row.size, stop)
             .await
             .map_err(|_| CopyError::Stopped)?;
         let (body, len) = self
@@ -718,7 +722,7 @@ impl Uploader {
             let mut tries = 0;
             let (etag, seen) = loop {
                 let permit = self
-                    .acquire(len, stop)
+                    .acquire(COPY_PRIORITY, len, stop)
                     .await
                     .map_err(|_| CopyError::Stopped)?;
                 let got = self
