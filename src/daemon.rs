@@ -204,6 +204,7 @@ impl Daemon {
                 watch_root: cfg.watch.root.clone(),
                 disk_report: crate::service::disk::report_path(&cfg.journal.path),
                 disk_warn_secs: cfg.watch.disk_warn_secs,
+                disk_window: std::time::Duration::from_secs_f64(cfg.watch.disk_window_secs),
             }
             .run(monitor_stop.clone()),
         );

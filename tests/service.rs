@@ -611,6 +611,8 @@ async fn a_filling_disk_is_forecast_and_reported() {
         // Nothing here is a recording: the files only take space.
         c.watch.include = vec!["**/*.mp4".to_string()];
         c.watch.disk_warn_secs = 3600.0;
+        // A forecast once 2 s of samples exist (a third of the window), not 5 min.
+        c.watch.disk_window_secs = 6.0;
         c.lookup.listen = vec![format!("unix:{}", lookup.display())];
     });
     let sock = env.dir.path().join("notify.sock");

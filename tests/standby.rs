@@ -641,17 +641,7 @@ async fn sigkill_during_failover_and_copy_back_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child.0),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let status = child.0.wait().unwrap();
-    assert!(
-        status.success(),
-        "clean stop: {status}\n{}",
-        killloop::log_excerpt(&log)
-    );
+    killloop::stop_cleanly(&mut child, &log);
 
     for (rel, data) in &files {
         let row = env.row(rel).unwrap();

@@ -307,11 +307,7 @@ async fn refused_completion_aborts_and_starts_over() {
     env.server.clear_requests();
     let mut child = killloop::spawn(&cfg, &log);
     env.wait_state("r/long.mp4", State::Deleted, T).await;
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child.0),
-        rustix::process::Signal::TERM,
-    );
-    assert!(child.0.wait().unwrap().success());
+    killloop::stop_cleanly(&mut child, &log);
 
     assert_eq!(
         env.get(&env.key("r/long.mp4")).await.as_deref(),

@@ -60,6 +60,9 @@ pub struct WatchConfig {
     /// Warn (log, `/healthz` degraded, `STATUS=`, `status`) when the root's file system is
     /// forecast full within this many seconds at the recent net fill rate (0: never).
     pub disk_warn_secs: f64,
+    /// The window the disk forecast's net fill rate is measured over; no forecast until the
+    /// daemon has watched a third of it.
+    pub disk_window_secs: f64,
 }
 
 impl Default for WatchConfig {
@@ -76,6 +79,7 @@ impl Default for WatchConfig {
             rescan_interval_secs: 300.0,
             prune_after_secs: 3600.0,
             disk_warn_secs: 21600.0,
+            disk_window_secs: 900.0,
         }
     }
 }

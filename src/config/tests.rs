@@ -30,6 +30,7 @@ fn accepts_minimal_config() {
     let s = from_toml_str(&base(dir.path(), &dir.path().join("j.db"))).unwrap();
     assert_eq!(s.config.upload.part_size_mib, 16);
     assert_eq!(s.config.watch.disk_warn_secs, 21600.0);
+    assert_eq!(s.config.watch.disk_window_secs, 900.0);
     assert_eq!(s.secret, "s");
     assert!(!redacted_toml(&s).contains("= \"s\""));
     assert!(redacted_toml(&s).contains("<redacted>"));
@@ -55,6 +56,10 @@ fn rejects_each_bad_value_naming_the_key() {
         (
             with(r, &j, "disk_warn_secs = -5", creds, ""),
             "watch.disk_warn_secs",
+        ),
+        (
+            with(r, &j, "disk_window_secs = 0.5", creds, ""),
+            "watch.disk_window_secs",
         ),
         (
             with(r, &j, "disk_warn_secs = \"6h\"", creds, ""),

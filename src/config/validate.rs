@@ -151,6 +151,12 @@ pub fn validate(config: Config) -> Result<Settings, ConfigError> {
         0.0,
         365.0 * 86400.0,
     )?;
+    check_secs(
+        "watch.disk_window_secs",
+        config.watch.disk_window_secs,
+        1.0,
+        7.0 * 86400.0,
+    )?;
 
     // journal
     check_creatable("journal.path", &config.journal.path)?;

@@ -107,15 +107,17 @@ impl Forecast {
         }
     }
 
-    /// Net fill rate in bytes per second (positive: the disk is filling).
+    /// Net fill rate in bytes per second (positive: the disk is filling); `None` until the
+    /// samples span a third of the window, so one burst of writes just after the start (a
+    /// recording landing before its upload deletes it) is not taken for a trend.
     pub fn fill_rate(&self) -> Option<f64> {
         let (t0, f0) = *self.samples.front()?;
         let (t1, f1) = *self.samples.back()?;
-        let dt = t1.saturating_duration_since(t0).as_secs_f64();
-        if dt <= 0.0 {
+        let dt = t1.saturating_duration_since(t0);
+        if dt.is_zero() || dt < self.window / 3 {
             return None;
         }
-        Some((f0 as f64 - f1 as f64) / dt)
+        Some((f0 as f64 - f1 as f64) / dt.as_secs_f64())
     }
 
     /// Seconds until the disk is full at the current net fill rate; `None` when it is not
@@ -144,11 +146,17 @@ mod tests {
 
     #[test]
     fn a_filling_disk_is_forecast_full() {
-        let mut f = Forecast::new(Duration::from_secs(600));
+        let mut f = Forecast::new(Duration::from_secs(30));
         let t0 = Instant::now();
         assert_eq!(f.seconds_to_full(), None);
         f.push(t0, 10_000);
         assert_eq!(f.seconds_to_full(), None, "one sample tells no rate");
+        f.push(t0 + Duration::from_secs(5), 9_500);
+        assert_eq!(
+            f.seconds_to_full(),
+            None,
+            "5 s of a 30 s window tell no trend"
+        );
         f.push(t0 + Duration::from_secs(10), 9_000);
         assert_eq!(f.fill_rate(), Some(100.0));
         assert_eq!(f.seconds_to_full(), Some(90.0));

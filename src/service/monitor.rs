@@ -48,10 +48,9 @@ pub struct Monitor {
     /// `watch.disk_warn_secs`: a forecast under it is logged, degrades `/healthz` and shows
     /// in `STATUS=`.
     pub disk_warn_secs: f64,
+    /// `watch.disk_window_secs`: the net fill rate is measured over this window.
+    pub disk_window: Duration,
 }
-
-/// The window the disk forecast's net fill rate is measured over.
-pub const DISK_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 impl Monitor {
     /// Runs until `stop`: the watchdog pings and the journal probe, plus (in a task of its
@@ -138,7 +137,7 @@ impl Monitor {
         // they are recounted at most every 100 times what the last count took (at least
         // every tick on small journals), so the refresh stays under 1% of a core.
         let mut stored: Option<(Queue, Instant, Duration)> = None;
-        let mut forecast = Forecast::new(DISK_WINDOW);
+        let mut forecast = Forecast::new(self.disk_window);
         let mut disk_warning: Option<String> = None;
         loop {
             tokio::select! {

@@ -43,6 +43,21 @@ pub fn fail_fast(env: &Env, log: Option<&Path>) {
 }
 
 /// The daemon log's warnings and errors (and starts), last 40.
+/// Stops `child` with SIGTERM and asserts it exited cleanly (its log's tail otherwise).
+pub fn stop_cleanly(child: &mut Daemon, log: &Path) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "clean stop: {status}\n{}",
+        log_excerpt(log)
+    );
+}
+
 pub fn log_excerpt(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text
@@ -251,17 +266,7 @@ pub async fn kill_loop(
     wait_all_deleted(env, &rels, Duration::from_secs(40), Some(&log)).await;
     // Let the last commits land, then SIGTERM.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child.0),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let status = child.0.wait().unwrap();
-    assert!(
-        status.success(),
-        "clean stop: {status}\n{}",
-        log_excerpt(&log)
-    );
+    stop_cleanly(&mut child, &log);
     KillReport {
         committed_at_kill,
         total,
