@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use record_offload::devserver::{ACCESS_KEY, DevOptions, DevServer, SECRET_KEY};
+use record_offload_bench::stopped;
 
 #[derive(Parser)]
 #[command(about = "The local S3-compatible server, plain or HTTPS")]
@@ -72,23 +73,4 @@ fn main() -> ExitCode {
         stopped().await;
         ExitCode::SUCCESS
     })
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn stopped() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

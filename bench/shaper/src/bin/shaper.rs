@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use record_offload_bench::{LinkConfig, selftest, start};
+use record_offload_bench::{LinkConfig, selftest, start, stopped};
 
 #[derive(Parser)]
 #[command(about = "A TCP proxy with the latency and bandwidth of a network link")]
@@ -150,25 +150,6 @@ async fn timeline(mut file: std::fs::File, link: std::sync::Arc<record_offload_b
         );
         if file.write_all(line.as_bytes()).is_err() {
             return;
-        }
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn stopped() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
