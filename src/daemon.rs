@@ -7,7 +7,8 @@
 //!    daemon per journal.
 //! 2. Recovery ([`crate::pipeline::recovery`]), with the deleter already running: stored files
 //!    still on disk are deleted, rows waiting to settle go back to the watcher, stray multipart
-//!    uploads are aborted before the uploader starts.
+//!    uploads are aborted before the uploader creates or resumes any (single PutObjects go at
+//!    once).
 //! 3. Bind every `lookup.listen` address (a bad one fails the start before new files are
 //!    taken), start the watcher, the intake and the pruner, then serve look-ups.
 //! 4. Tell systemd `READY=1` and start the monitor (status line, metrics, watchdog).

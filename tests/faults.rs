@@ -567,3 +567,70 @@ async fn large_files_go_out_oldest_first_and_complete_one_after_another() {
     d.shutdown();
     d.wait().await;
 }
+
+/// At start, a backlog of small files does not wait for the look for stray multipart uploads
+/// (a ListMultipartUploads that takes a round trip or more): their PutObjects go at once. No
+/// multipart upload is created or resumed until that look is over, since one created
+/// meanwhile could be listed before its id is recorded and aborted as a stray.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_go_while_strays_are_looked_for_multipart_waits() {
+    let env = Env::new().await;
+    let proxy = FaultProxy::start(env.server.addr).await.unwrap();
+    // Every answer (the listing's first) reaches the daemon 5 s late.
+    proxy.set(Fault::DelayResponse(Duration::from_secs(5)));
+    let small = bytes(100_000, 31);
+    let big = bytes(11 * 1024 * 1024, 32);
+    for (rel, data) in [("s.mp4", &small), ("b.mp4", &big)] {
+        age(&env.write(rel, data), 10);
+    }
+    let started = std::time::Instant::now();
+    let d = env
+        .start(env.config_at(&format!("http://{}", proxy.addr()), |c| {
+            c.upload.part_size_mib = 5;
+        }))
+        .await;
+    let small_key = env.key("s.mp4");
+    let sent = |method: &str, path_end: &str, param: &str| {
+        env.server
+            .requests()
+            .iter()
+            .any(|r| r.method == method && r.path.ends_with(path_end) && r.has_param(param))
+    };
+    let small_put = |r: &record_offload::devserver::Recorded| {
+        r.method == "PUT" && r.path.ends_with(&small_key) && !r.has_param("partNumber")
+    };
+    // The small file's PutObject reaches the store well before the listing's answer (5 s)
+    // can have reached the daemon.
+    wait_until("the small file's PutObject", Duration::from_secs(4), || {
+        env.server.requests().iter().any(small_put)
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the check came too late to tell"
+    );
+    assert!(
+        !sent("POST", &env.key("b.mp4"), "uploads"),
+        "a multipart upload was created while strays were still being looked for"
+    );
+    proxy.set(Fault::None);
+    for (rel, data) in [("s.mp4", &small), ("b.mp4", &big)] {
+        let row = env.wait_state(rel, State::Deleted, T).await;
+        assert_eq!(row.md5.as_deref(), Some(md5_hex(data).as_str()), "{rel}");
+        assert_eq!(env.get(&env.key(rel)).await.as_deref(), Some(&data[..]));
+    }
+    // The listing went first; the multipart upload was created after its answer.
+    let log = env.server.requests();
+    let listing = log
+        .iter()
+        .position(|r| r.method == "GET" && r.has_param("uploads"))
+        .expect("no ListMultipartUploads");
+    let create = log
+        .iter()
+        .position(|r| r.method == "POST" && r.has_param("uploads"))
+        .expect("no CreateMultipartUpload");
+    assert!(listing < create);
+    assert!(env.server.open_uploads().is_empty());
+    d.shutdown();
+    d.wait().await;
+}

@@ -84,54 +84,52 @@ pub async fn resettle(paths: Vec<PathBuf>, tx: mpsc::Sender<PathBuf>, cancel: Ca
     }
 }
 
-/// Aborts the multipart uploads under `prefix` the journal does not know (on the primary, and
-/// on the standby when there is one), then runs the uploader and copy-back until `cancel`. A store that does not answer delays uploads by at most one
-/// request timeout; a stop that comes during the clean-up lets it finish within
-/// `upload.drain_secs` (it is a listing and a few aborts, work in progress like an upload's
-/// last part), else the next start does it.
+/// Runs the uploader until `cancel`, and meanwhile aborts the multipart uploads under `prefix`
+/// the journal does not know (on the primary, and on the standby when there is one); only then
+/// may the uploader create or resume multipart uploads (a new one could be listed before its
+/// id is recorded and taken for a stray) and copy-back start. Files sent as one PutObject go
+/// at once: a backlog of small files does not wait for the listing's round trips. A store that
+/// does not answer delays multipart uploads by at most one request timeout; a stop that comes
+/// during the clean-up lets it finish within `upload.drain_secs` (it is a listing and a few
+/// aborts, work in progress like an upload's last part), else the next start does it.
 pub async fn abort_strays_then_upload(
     uploader: Arc<Uploader>,
     prefix: String,
     cancel: CancellationToken,
 ) {
     let drain = Duration::from_secs_f64(uploader.settings.config.upload.drain_secs);
-    {
-        let cleanup = async {
-            let standby = async {
-                if let Some(sb) = &uploader.standby {
-                    abort_stray_uploads(sb, StoreId::Standby, &uploader.journal, &prefix).await;
-                }
+    let cleanup_then_copy_back = async {
+        {
+            let cleanup = async {
+                let standby = async {
+                    if let Some(sb) = &uploader.standby {
+                        abort_stray_uploads(sb, StoreId::Standby, &uploader.journal, &prefix).await;
+                    }
+                };
+                tokio::join!(
+                    abort_stray_uploads(
+                        &uploader.store,
+                        StoreId::Primary,
+                        &uploader.journal,
+                        &prefix
+                    ),
+                    standby
+                );
             };
-            tokio::join!(
-                abort_stray_uploads(
-                    &uploader.store,
-                    StoreId::Primary,
-                    &uploader.journal,
-                    &prefix
-                ),
-                standby
-            );
-        };
-        tokio::pin!(cleanup);
-        let mut beat = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            // The uploader is alive while it waits for the clean-up.
-            uploader.stats.heartbeat.beat();
+            tokio::pin!(cleanup);
             tokio::select! {
                 _ = cancel.cancelled() => {
                     let _ = tokio::time::timeout(drain, &mut cleanup).await;
-                    break;
+                    return;
                 }
-                _ = &mut cleanup => break,
-                _ = beat.tick() => {}
+                _ = &mut cleanup => {}
             }
         }
-    }
-    // Copy-back (when configured) starts only now, too: its uploads are never strays.
-    tokio::join!(
-        uploader.clone().run(cancel.clone()),
-        uploader.clone().run_copy_back(cancel)
-    );
+        uploader.strays_checked();
+        // Copy-back's uploads are never strays: it starts only now.
+        uploader.clone().run_copy_back(cancel.clone()).await;
+    };
+    tokio::join!(uploader.clone().run(cancel.clone()), cleanup_then_copy_back);
 }
 
 /// Aborts multipart uploads under this node's prefix on `store` that the journal does not

@@ -78,6 +78,7 @@ impl Uploader {
         let (md5_hex, crc64) = if single {
             self.put_small(row, &file, &identity, cancel).await?
         } else {
+            self.after_stray_check(cancel).await?;
             self.put_multipart(row, &file, &identity, part_size, cancel)
                 .await?
         };

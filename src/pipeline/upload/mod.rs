@@ -73,7 +73,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -217,6 +217,10 @@ pub struct Uploader {
     busy: AtomicBool,
     /// Copy-back's row and open uploads, shared with the upload tasks and the failover loop.
     pub copy_back: CopyBack,
+    /// True once the stray multipart uploads of the start have been dealt with: until then no
+    /// multipart upload is created or resumed (the clean-up could take a new one for a stray),
+    /// while single PutObjects already go.
+    strays_checked: watch::Sender<bool>,
 }
 
 impl Uploader {
@@ -257,7 +261,22 @@ impl Uploader {
             windows,
             busy: AtomicBool::new(false),
             copy_back: CopyBack::default(),
+            strays_checked: watch::Sender::new(false),
         })
+    }
+
+    /// Lets multipart uploads start: the start's stray clean-up is over (or was given up).
+    pub fn strays_checked(&self) {
+        self.strays_checked.send_replace(true);
+    }
+
+    /// Waits until [`Self::strays_checked`] (or `cancel`).
+    async fn after_stray_check(&self, cancel: &CancellationToken) -> Result<(), TaskError> {
+        let mut rx = self.strays_checked.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|done| *done) => r.map(|_| ()).map_err(|_| TaskError::Interrupted),
+            _ = cancel.cancelled() => Err(TaskError::Interrupted),
+        }
     }
 
     fn backoff(&self) -> Backoff {

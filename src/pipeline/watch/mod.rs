@@ -143,7 +143,11 @@ pub async fn run(
                         let _ = prune.try_send(d.clone());
                     }
                 }
-                w.merge_scan(outcome);
+                // Files the scan found already quiet (a backlog at start, files missed by
+                // inotify) go on now, not at the next tick.
+                if w.merge_scan(outcome) && w.settle_due(&out).await.is_err() {
+                    break; // the intake is gone: shutting down
+                }
                 if full {
                     full_scan_running = false;
                     if full_scan_again {

@@ -199,9 +199,11 @@ impl Settler {
         });
     }
 
-    pub(super) fn merge_scan(&mut self, outcome: ScanOutcome) {
+    /// Adds what a scan found to the pending files; true when one of them is already due.
+    pub(super) fn merge_scan(&mut self, outcome: ScanOutcome) -> bool {
         let now = Instant::now();
         let wall = SystemTime::now();
+        let mut any_due = false;
         for (rel, id) in outcome.files {
             // A file whose mtime is older than the settle time is already quiet.
             let age = wall.duration_since(id.mtime()).unwrap_or(Duration::ZERO);
@@ -214,6 +216,7 @@ impl Settler {
                     }
                 }
                 None => {
+                    any_due |= age >= self.params.settle;
                     self.pending.insert(
                         rel,
                         Pending {
@@ -225,6 +228,7 @@ impl Settler {
                 }
             }
         }
+        any_due
     }
 
     /// Hands on every file whose settle time is over and that no process writes.
@@ -358,5 +362,39 @@ mod tests {
         settler.settle_due(&tx).await.unwrap();
         assert!(rx.try_recv().is_err(), "a file was settled unchecked");
         assert!(settler.pending.contains_key(Path::new("a.mp4")));
+    }
+
+    /// A scan that finds files already quiet says so, so that they are handed on at once
+    /// rather than at the next tick (a backlog at start); a file written just now is not due.
+    #[test]
+    fn a_scan_reports_files_already_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = vec!["**/*".to_string()];
+        let params = WatchParams {
+            root: dir.path().to_path_buf(),
+            filter: Filter::new(glob_set(&all).unwrap(), glob_set(&[]).unwrap()),
+            settle: Duration::from_secs(5),
+            rescan_interval: Duration::from_secs(600),
+            journal_path: dir.path().join("j.db"),
+            delete_after_upload: true,
+        };
+        let found = |name: &str, age: u64| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"recording").unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(age))
+                .unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            (PathBuf::from(name), Identity::from_metadata(&meta))
+        };
+        let mut settler = Settler::new(params, Arc::new(WatchStats::default()));
+        let outcome = |files| ScanOutcome {
+            files,
+            prunable: Vec::new(),
+            dirs: 1,
+        };
+        assert!(!settler.merge_scan(outcome(vec![found("new.mp4", 0)])));
+        assert!(settler.merge_scan(outcome(vec![found("old.mp4", 60), found("new2.mp4", 0)])));
+        assert_eq!(settler.pending.len(), 3);
     }
 }
