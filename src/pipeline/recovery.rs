@@ -99,31 +99,29 @@ pub async fn abort_strays_then_upload(
 ) {
     let drain = Duration::from_secs_f64(uploader.settings.config.upload.drain_secs);
     let cleanup_then_copy_back = async {
-        {
-            let cleanup = async {
-                let standby = async {
-                    if let Some(sb) = &uploader.standby {
-                        abort_stray_uploads(sb, StoreId::Standby, &uploader.journal, &prefix).await;
-                    }
-                };
-                tokio::join!(
-                    abort_stray_uploads(
-                        &uploader.store,
-                        StoreId::Primary,
-                        &uploader.journal,
-                        &prefix
-                    ),
-                    standby
-                );
-            };
-            tokio::pin!(cleanup);
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    let _ = tokio::time::timeout(drain, &mut cleanup).await;
-                    return;
-                }
-                _ = &mut cleanup => {}
+        let standby = async {
+            if let Some(sb) = &uploader.standby {
+                abort_stray_uploads(sb, StoreId::Standby, &uploader.journal, &prefix).await;
             }
+        };
+        let cleanup = async {
+            tokio::join!(
+                abort_stray_uploads(
+                    &uploader.store,
+                    StoreId::Primary,
+                    &uploader.journal,
+                    &prefix
+                ),
+                standby
+            )
+        };
+        tokio::pin!(cleanup);
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = tokio::time::timeout(drain, &mut cleanup).await;
+                return;
+            }
+            _ = &mut cleanup => {}
         }
         uploader.strays_checked();
         // Copy-back's uploads are never strays: it starts only now.

@@ -40,10 +40,9 @@ impl Uploader {
             let f = file.clone();
             let announced = self.hasher.announce();
             let (buf, digest) = tokio::task::spawn_blocking(move || -> Result<_, TaskError> {
-                let mut buf = vec![0u8; size as usize];
-                let got = crate::util::fs::read_full_at(&f, &mut buf, 0)
+                let buf = crate::util::fs::read_vec_at(&f, size as usize, 0)
                     .map_err(|e| TaskError::Io(format!("read: {e}")))?;
-                if got < buf.len() {
+                if buf.len() < size as usize {
                     return Err(TaskError::Changed);
                 }
                 let mut digest = crc64fast::Digest::new();
