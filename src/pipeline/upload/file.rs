@@ -62,6 +62,12 @@ impl Uploader {
             return Err(TaskError::Changed);
         }
         let file = Arc::new(file);
+        let part_size = part_size_for(identity.size, self.settings.part_size());
+        let single = identity.size <= part_size;
+        // Nothing touches a multipart upload before the start's stray clean-up is over.
+        if !single || row.upload_id.is_some() {
+            self.after_stray_check(cancel).await?;
+        }
 
         // An upload id from an older generation of the file is of no use.
         if row.upload_id.is_some() && row.upload_generation != Some(row.generation) {
@@ -72,13 +78,10 @@ impl Uploader {
                 .await?;
         }
 
-        let part_size = part_size_for(identity.size, self.settings.part_size());
         let started = Instant::now();
-        let single = identity.size <= part_size;
         let (md5_hex, crc64) = if single {
             self.put_small(row, &file, &identity, cancel).await?
         } else {
-            self.after_stray_check(cancel).await?;
             self.put_multipart(row, &file, &identity, part_size, cancel)
                 .await?
         };
