@@ -35,10 +35,12 @@ pub struct DeleteJob {
 /// Most files removed behind one durable commit.
 const BATCH: usize = 256;
 
-/// How long the first file of a batch waits for others before the durable commit: when many
-/// small files are stored one after another, one flush then covers many of them instead of
-/// one or two (the flush of a journal on a virtual disk costs more CPU than the rest of a
-/// 256 KiB file's journal work). Well inside the latency the pipeline promises.
+/// How long the first file of a batch waits for others before the durable commit, while
+/// other files are being uploaded: when many small files are stored one after another, one
+/// flush then covers many of them instead of one or two (the flush of a journal on a virtual
+/// disk costs more CPU than the rest of a 256 KiB file's journal work). Well inside the
+/// latency the pipeline promises. A file stored while no other is in flight (a recording
+/// host's usual case, and the last file of a batch) does not wait: nothing would join it.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub async fn run(
@@ -58,8 +60,18 @@ pub async fn run(
             },
         };
         let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + GATHER;
         while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        // The gauge still counts the upload that sent the last job (it is updated when the
+        // scheduler sees the task end), so "one" can mean none besides it; a stale higher
+        // count only means waiting as before.
+        let others_in_flight = stats.in_flight.files.load(Ordering::Relaxed) > 1;
+        let until = tokio::time::Instant::now() + GATHER;
+        while others_in_flight && batch.len() < BATCH {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(until) => break,
