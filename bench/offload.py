@@ -41,7 +41,7 @@ lost at the start and at the end of the batch and the share of the link used in 
 the proxy's byte counts every 100 ms), and the bytes the proxy carried towards the server.
 --perf DIR records record-offload's runs with `perf record --call-graph dwarf`.
 
-    bench/offload.py                                  # everything: about 40 min on 2 cores
+    bench/offload.py                                  # everything: about 20 min on 2 cores
     bench/offload.py --nets http --cases big --rounds 5
     bench/offload.py --nets link --cases small --tools record-offload,record-offload:c=16,s5cmd
     bench/offload.py --out results.json               # every run and median, as JSON
