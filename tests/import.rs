@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::harness::*;
@@ -27,9 +26,7 @@ fn write_config(env: &Env, settle_secs: f64) -> PathBuf {
 
 /// Runs `import ARGS --json`; returns the exit code and the report.
 fn import(cfg: &Path, args: &[&str]) -> (i32, serde_json::Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .arg("--config")
-        .arg(cfg)
+    let out = common::cli(cfg)
         .arg("import")
         .args(args)
         .arg("--json")
@@ -190,9 +187,7 @@ fn bad_config_is_one_line_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[watch]\nroot = \"relative\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .arg("--config")
-        .arg(&cfg)
+    let out = common::cli(&cfg)
         .args(["import", "--dry-run"])
         .output()
         .unwrap();

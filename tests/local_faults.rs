@@ -85,9 +85,7 @@ fn write_config(env: &Env, endpoint: &str) -> PathBuf {
 }
 
 fn cli(cfg: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .arg("--config")
-        .arg(cfg)
+    common::cli(cfg)
         .args(args)
         .env("RUST_LOG", "record_offload=info")
         .stdin(Stdio::null())

@@ -1046,9 +1046,7 @@ async fn resolve_command_answers_without_the_daemon() {
     let cfg = env.dir.path().join("config.toml");
     write_config(&env, &cfg);
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_record-offload"))
-            .arg("--config")
-            .arg(&cfg)
+        let out = common::cli(&cfg)
             .args(args)
             .env_remove("RUST_LOG")
             .output()

@@ -345,8 +345,8 @@ async fn a_stalled_stage_stops_the_watchdog_pings() {
 
 /// Runs `args` with the config and environment given; returns stdout + stderr.
 fn run_cli(cfg: &Path, args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_record-offload"));
-    cmd.arg("--config").arg(cfg).args(args);
+    let mut cmd = common::cli(cfg);
+    cmd.args(args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -656,12 +656,7 @@ async fn a_filling_disk_is_forecast_and_reported() {
         })
         .await;
     // `status` shows the running daemon's forecast beside the free space, in text and JSON.
-    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = common::cli(&cfg).arg("status").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     let line = text
@@ -672,9 +667,7 @@ async fn a_filling_disk_is_forecast_and_reported() {
         line.contains(" free of 64") && line.contains("; full in ") && line.contains("WARNING"),
         "{line}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .arg("--config")
-        .arg(&cfg)
+    let out = common::cli(&cfg)
         .args(["status", "--json"])
         .output()
         .unwrap();

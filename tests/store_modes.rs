@@ -555,12 +555,7 @@ async fn wrong_ca_is_a_clear_error_in_status() {
     let row = env.row("w/one.mp4").unwrap();
     assert_ne!(row.state, State::Failed, "{row:?}");
     assert!(env.root.join("w/one.mp4").exists());
-    let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = common::cli(&cfg).arg("status").output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
@@ -587,9 +582,7 @@ fn check_config_shows_options_and_warns() {
     let run = |extra: &str| -> (i32, String) {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, format!("{base}{extra}")).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_record-offload"))
-            .arg("--config")
-            .arg(&p)
+        let out = common::cli(&p)
             .arg("check-config")
             .env_remove("RECORD_OFFLOAD_STORAGE__ACCESS_KEY_SECRET")
             .output()
